@@ -1,0 +1,169 @@
+"""Run a real, throwaway Prefect server for tests, demos and local trials.
+
+The server is the same ``prefect server start`` a team runs, on a free loopback
+port with its own ``PREFECT_HOME``, so nothing touches the user's profile.
+
+```python
+from dispatch_prefect.testing import local_prefect_server
+
+with local_prefect_server() as server:
+    print(server.api_url)
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+__all__ = ["LocalPrefectServer", "free_port", "local_prefect_server"]
+
+
+@dataclass(frozen=True)
+class LocalPrefectServer:
+    """Where a running throwaway server answers, and the environment to reach it."""
+
+    api_url: str
+    ui_url: str
+    home: Path
+    log_path: Path
+    env: dict[str, str] = field(repr=False)
+
+
+def free_port() -> int:
+    """Return a TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+
+        return port
+
+
+def prefect_executable() -> str:
+    """The ``prefect`` command of the running interpreter's environment."""
+    beside = Path(sys.executable).parent / "prefect"
+    if beside.exists():
+        return str(beside)
+
+    found = shutil.which("prefect")
+    if found is None:
+        raise FileNotFoundError(
+            "the 'prefect' command is not installed next to "
+            f"{sys.executable}; install dispatch-prefect into this environment"
+        )
+
+    return found
+
+
+@contextlib.contextmanager
+def local_prefect_server(
+    *,
+    home: Path | None = None,
+    ui: bool = False,
+    startup_timeout_s: float = 120.0,
+) -> Iterator[LocalPrefectServer]:
+    """Start ``prefect server start`` on a free port; stop it on exit.
+
+    Args:
+        home: ``PREFECT_HOME`` of the server (and of processes given its
+            ``env``); a temporary folder, removed on exit, when None.
+        ui: serve the Prefect UI too (slower to start).
+        startup_timeout_s: how long to wait for ``/api/health``.
+
+    Raises:
+        TimeoutError: the server did not answer in time; the message names
+            the log file that says why.
+    """
+    owned_home = home is None
+    home_path = (
+        Path(tempfile.mkdtemp(prefix="dispatch-prefect-")) if home is None else home
+    )
+    home_path.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home_path),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+    }
+    log_path = home_path / "server.log"
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [prefect_executable(), "server", "start", "--no-prompt"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_until_healthy(api_url, process, log_path, startup_timeout_s)
+        yield LocalPrefectServer(
+            api_url=api_url,
+            ui_url=f"http://127.0.0.1:{port}",
+            home=home_path,
+            log_path=log_path,
+            env=env,
+        )
+    finally:
+        _stop(process)
+        if owned_home:
+            shutil.rmtree(home_path, ignore_errors=True)
+
+
+def _wait_until_healthy(
+    api_url: str,
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout_s: float,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"prefect server exited with code {process.returncode}; see {log_path}"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+
+    raise TimeoutError(
+        f"prefect server at {api_url} did not answer within {timeout_s:.0f} s; "
+        f"see {log_path}"
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+
+    # The server runs in its own session: signal the whole group so its
+    # uvicorn children go too.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)

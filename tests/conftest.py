@@ -1,0 +1,66 @@
+"""Shared fixtures: a real Prefect server, real databases, no user state touched."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before Prefect is imported anywhere: keep tests away from ~/.prefect.
+os.environ.setdefault(
+    "PREFECT_HOME", tempfile.mkdtemp(prefix="dispatch-prefect-tests-")
+)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from dispatch_prefect.testing import (  # noqa: E402
+    LocalPrefectServer,
+    local_prefect_server,
+)
+
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[LocalPrefectServer]:
+    """One real ``prefect server start`` (with its UI) for the whole session.
+
+    The test process itself talks to it through ``PREFECT_API_URL``; child
+    processes (workers) get ``server.env``.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        local_prefect_server(ui=True) as server,
+        temporary_settings(updates={PREFECT_API_URL: server.api_url}),
+    ):
+        os.environ["PREFECT_API_URL"] = server.api_url
+        try:
+            yield server
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A reachable PostgreSQL URL; under CI an unreachable server fails the run."""
+    import sqlalchemy
+
+    url = os.environ.get("DISPATCH_PREFECT_TEST_PG_URL", DEFAULT_PG_URL)
+    sa_url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        engine = sqlalchemy.create_engine(sa_url)
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("select 1"))
+        engine.dispose()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL at {url} is unreachable under CI: {exc}")
+        pytest.skip(
+            f"PostgreSQL at {url} is unreachable ({exc.__class__.__name__}); "
+            "start one or set DISPATCH_PREFECT_TEST_PG_URL to run these tests"
+        )
+
+    return url
