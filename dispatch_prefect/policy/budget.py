@@ -44,8 +44,12 @@ class BudgetCap:
         object.__setattr__(self, "month_usd", as_usd(self.month_usd, name="month_usd"))
 
     def for_window(self, window: BudgetWindow) -> Decimal:
-        """The cap of one window."""
-        if window is BudgetWindow.RUN:
+        """The cap of one window.
+
+        Raises:
+            ValueError: ``window`` is not a budget window.
+        """
+        if BudgetWindow(window) is BudgetWindow.RUN:
             return self.run_usd
 
         return self.month_usd
