@@ -47,7 +47,12 @@ class InvalidTransitionError(ValueError):
 
 
 def can_transition(current: JobState, target: JobState) -> bool:
-    """Whether a job in ``current`` may move to ``target``."""
+    """Whether a job in ``current`` may move to ``target``.
+
+    Raises:
+        ValueError: either state is not a ``JobState`` (nor its value).
+    """
+    current, target = JobState(current), JobState(target)
     if current in TERMINAL_STATES:
         return False
 
@@ -63,6 +68,7 @@ def ensure_transition(current: JobState, target: JobState) -> JobState:
     Raises:
         InvalidTransitionError: the move is not allowed; names both states.
     """
+    current, target = JobState(current), JobState(target)
     if not can_transition(current, target):
         raise InvalidTransitionError(
             f"a job cannot move from {current.value} to {target.value}"
