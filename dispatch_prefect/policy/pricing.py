@@ -2,8 +2,9 @@
 
 Providers price tokens in USD per million. Before a call only the input size
 and the cap on output are known, so the bound charges every input token at
-the full input price (a cache hit can only make it cheaper) and assumes the
-model writes all ``max_output_tokens``.
+the higher of the input and cached-input prices (whatever the cache serves
+can only make the call cheaper) and assumes the model writes all
+``max_output_tokens``.
 """
 
 from __future__ import annotations
@@ -45,14 +46,22 @@ def estimate_token_cost(
 ) -> Decimal:
     """The exact upper-bound cost of one call.
 
+    Every input token is charged at the higher of the input and cached-input
+    rates, so the bound holds whatever part of the input the cache serves.
+
     Raises:
         ValueError: a negative token count, named.
     """
     inputs = _token_count(input_tokens, name="input_tokens")
     outputs = _token_count(max_output_tokens, name="max_output_tokens")
 
+    input_rate = rates.input_usd_per_mtok
+    cached_rate = rates.cached_input_usd_per_mtok
+    if cached_rate is not None and cached_rate > input_rate:
+        input_rate = cached_rate
+
     return EXACT.add(
-        _priced(inputs, rates.input_usd_per_mtok),
+        _priced(inputs, input_rate),
         _priced(outputs, rates.output_usd_per_mtok),
     )
 
