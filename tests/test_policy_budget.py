@@ -91,6 +91,16 @@ def test_committed_is_reserved_plus_spent() -> None:
     assert BudgetState().committed() == 0
 
 
+def test_committed_is_exact_where_a_28_digit_context_would_round() -> None:
+    reserved = "0.1234567890123456789012345678901234567891"
+    spent = "1000000.0000000000000000000000000000000000000001"
+
+    total = state(reserved, spent).committed()
+
+    assert Fraction(total) == Fraction(reserved) + Fraction(spent)
+    assert total == Decimal("1000000.1234567890123456789012345678901234567892")
+
+
 def test_int_amounts_are_accepted_as_exact_decimals() -> None:
     limits = BudgetCap(run_usd=5, month_usd=50)  # type: ignore[arg-type]
 

@@ -263,6 +263,14 @@ def test_accepts_a_one_shot_iterable_of_backends() -> None:
     assert select_backend(iter([lan, local]), CPU_JOB) is local
 
 
+def test_routes_a_backend_whose_kind_is_the_string_value() -> None:
+    """An app may declare ``kind="local"`` as read from its config."""
+    from_config = Backend("laptop", "local")  # type: ignore[arg-type]
+    lan = Backend("lan", BackendKind.LAN_WORKER)
+
+    assert select_backend([lan, from_config], CPU_JOB) is from_config
+
+
 def test_refuses_when_there_are_no_backends() -> None:
     with pytest.raises(NoEligibleBackendError, match="'cofold'"):
         select_backend([], CPU_JOB)
