@@ -1,0 +1,1 @@
+"""Helpers for the tests that drive a paused flow run through approval."""
