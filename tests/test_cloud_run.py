@@ -39,6 +39,7 @@ from dispatch_prefect.templates import (
     CloudRunTemplateError,
     check_cloud_run_l4_template,
     cloud_run_job_variables,
+    cloud_run_l4_shape,
     cloud_run_l4_template,
 )
 from dispatch_prefect.testing import prefect_executable
@@ -141,6 +142,8 @@ def test_job_variables_carry_the_declared_max_runtime() -> None:
         (4, 16, 0, "timeout_s=0"),
         (4, 16, 604801, "timeout_s=604801"),
         (True, 16, 600, "cpu=True"),
+        (4.0, 16, 600, "cpu=4.0"),
+        (4, 16, 600.0, "timeout_s=600.0"),
     ],
 )
 def test_refuses_resources_an_l4_task_cannot_have(
@@ -148,6 +151,36 @@ def test_refuses_resources_an_l4_task_cannot_have(
 ) -> None:
     with pytest.raises(CloudRunResourceError, match=names):
         cloud_run_job_variables(timeout_s=timeout_s, cpu=cpu, memory_gib=memory_gib)
+
+
+@pytest.mark.parametrize(
+    ("declared", "shape"),
+    [
+        ((0, 0), (4, 16)),
+        ((2, 8), (4, 16)),
+        ((5, 16), (6, 16)),
+        ((4, 17), (6, 17)),
+        ((4, 24.5), (8, 25)),
+        ((8, 32), (8, 32)),
+    ],
+)
+def test_shape_rounds_a_call_up_to_the_smallest_l4_task(
+    declared: tuple[float, float], shape: tuple[int, int]
+) -> None:
+    """A call declaring less than the L4 minimum is billed for the minimum."""
+    vcpus, memory_gib = declared
+
+    found = cloud_run_l4_shape(min_vcpus=vcpus, min_memory_gib=memory_gib)
+
+    assert found == shape
+    cpu, rounded_gib = found
+    cloud_run_job_variables(timeout_s=60, cpu=cpu, memory_gib=rounded_gib)
+
+
+@pytest.mark.parametrize(("vcpus", "memory_gib"), [(9, 16), (4, 33)])
+def test_shape_refuses_a_call_no_l4_task_holds(vcpus: int, memory_gib: int) -> None:
+    with pytest.raises(CloudRunResourceError, match="largest is 8 vCPUs and 32 GiB"):
+        cloud_run_l4_shape(min_vcpus=vcpus, min_memory_gib=memory_gib)
 
 
 def _without_gpu(template: dict[str, Any]) -> None:

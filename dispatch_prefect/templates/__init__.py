@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from functools import cache
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "check_cloud_run_l4_resources",
     "check_cloud_run_l4_template",
     "cloud_run_job_variables",
+    "cloud_run_l4_shape",
     "cloud_run_l4_template",
     "cloud_run_l4_template_path",
     "cloud_run_min_cpu_for_memory",
@@ -100,13 +102,39 @@ def cloud_run_min_cpu_for_memory(memory_gib: int) -> int:
     return L4_MIN_CPU
 
 
+def cloud_run_l4_shape(
+    *, min_vcpus: float = 0, min_memory_gib: float = 0
+) -> tuple[int, int]:
+    """Return the smallest L4 task, as (cpu, memory_gib), that holds a call.
+
+    A call that declares less than the L4 minimum still gets (and is billed
+    for) 4 vCPUs and 16 GiB, so the gate should price the shape returned
+    here, not the declared numbers.
+
+    Raises:
+        CloudRunResourceError: no Cloud Run L4 task is that large.
+    """
+    memory_gib = max(L4_MIN_MEMORY_GIB, math.ceil(min_memory_gib))
+    for cpu in L4_CPU_CHOICES:
+        fits = cpu >= min_vcpus and cpu >= cloud_run_min_cpu_for_memory(memory_gib)
+        if fits and memory_gib <= CLOUD_RUN_MAX_MEMORY_GIB:
+            return cpu, memory_gib
+
+    raise CloudRunResourceError(
+        f"no Cloud Run L4 task has {min_vcpus} vCPUs and {min_memory_gib} GiB; "
+        f"the largest is {L4_CPU_CHOICES[-1]} vCPUs and "
+        f"{CLOUD_RUN_MAX_MEMORY_GIB} GiB: lower the call's vcpus or memory_gib "
+        "or route it to another backend"
+    )
+
+
 def check_cloud_run_l4_resources(*, cpu: int, memory_gib: int, timeout_s: int) -> None:
     """Refuse CPU, memory or a timeout one Cloud Run L4 task cannot have.
 
     Raises:
         CloudRunResourceError: the message names the value and the limit.
     """
-    if isinstance(cpu, bool) or cpu not in L4_CPU_CHOICES:
+    if type(cpu) is not int or cpu not in L4_CPU_CHOICES:
         raise CloudRunResourceError(
             f"cpu={cpu!r} is not a Cloud Run L4 size; use one of "
             f"{', '.join(map(str, L4_CPU_CHOICES))} (an L4 needs at least "
@@ -114,8 +142,7 @@ def check_cloud_run_l4_resources(*, cpu: int, memory_gib: int, timeout_s: int) -
         )
 
     if (
-        isinstance(memory_gib, bool)
-        or not isinstance(memory_gib, int)
+        type(memory_gib) is not int
         or not L4_MIN_MEMORY_GIB <= memory_gib <= CLOUD_RUN_MAX_MEMORY_GIB
     ):
         raise CloudRunResourceError(
@@ -131,11 +158,7 @@ def check_cloud_run_l4_resources(*, cpu: int, memory_gib: int, timeout_s: int) -
             f"Cloud Run, not cpu={cpu}; raise cpu or lower memory_gib"
         )
 
-    if (
-        isinstance(timeout_s, bool)
-        or not isinstance(timeout_s, int)
-        or not 0 < timeout_s <= CLOUD_RUN_MAX_TIMEOUT_S
-    ):
+    if type(timeout_s) is not int or not 0 < timeout_s <= CLOUD_RUN_MAX_TIMEOUT_S:
         raise CloudRunResourceError(
             f"timeout_s={timeout_s!r} is not a Cloud Run job timeout; use "
             f"whole seconds from 1 to {CLOUD_RUN_MAX_TIMEOUT_S}"
