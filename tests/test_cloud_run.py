@@ -311,6 +311,40 @@ def test_validator_catches_a_wrong_type_or_value(
     assert says in problems[0]
 
 
+def _field_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every (container, key) path of a body, outside free-form maps."""
+    paths: list[tuple[Any, ...]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if path and path[-1] in ("labels", "limits"):
+                continue
+            paths.append((*path, key))
+            paths.extend(_field_paths(item, (*path, key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            paths.extend(_field_paths(item, (*path, index)))
+
+    return paths
+
+
+def test_validator_catches_every_misspelled_field_of_a_body() -> None:
+    body = _good_body()
+    paths = _field_paths(body)
+
+    assert len(paths) >= 15
+    for path in paths:
+        changed = copy.deepcopy(body)
+        parent = changed
+        for step in path[:-1]:
+            parent = parent[step]
+        parent[f"{path[-1]}_"] = parent.pop(path[-1])
+
+        problems = job_body_problems(changed)
+
+        assert len(problems) == 1, (path, problems)
+        assert "unknown field" in problems[0], (path, problems)
+
+
 def test_validator_checks_map_values_through_additional_properties() -> None:
     """A GPU limit written as a number is caught: limits map to strings."""
     body = _good_body()
