@@ -18,22 +18,24 @@ rate compares equal to the one written.
 
 from __future__ import annotations
 
+import copy
 import enum
 import os
 import tomllib
 import zoneinfo
+from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast, get_args
 from urllib.parse import urlsplit
 
 from google.api_core.retry import Retry
 from prefect.blocks.core import Block
 from prefect.blocks.system import Secret
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
 from prefect_gcp.credentials import GcpCredentials
 from pydantic import (
@@ -47,6 +49,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import GenerateJsonSchema
 
 from dispatch_prefect.policy import (
     BackendCapabilities,
@@ -164,7 +167,37 @@ def _display(block: Block) -> str:
     return f"{block.get_block_type_name()} block {label}"
 
 
-class BudgetBlock(Block):
+class _DispatchBlock(Block, ABC):
+    """What every Dispatch block shares; abstract, so never registered."""
+
+    _documentation_url = _DOCS_URL  # type: ignore[assignment]
+
+    @classmethod
+    def model_json_schema(  # type: ignore[override]
+        cls,
+        by_alias: bool = True,
+        ref_template: str = "#/definitions/{model}",
+        schema_generator: type[GenerateJsonSchema] = GenerateJsonSchema,
+        mode: Literal["validation", "serialization"] = "validation",
+    ) -> dict[str, Any]:
+        # Prefect rebuilds a block's schema for every field of every save
+        # (to find secret fields); a class's schema never changes, and
+        # rebuilding it was most of the time `blocks apply` took.
+        key = (cls, by_alias, ref_template, schema_generator, mode)
+        schema = _SCHEMAS.get(key)
+        if schema is None:
+            schema = super().model_json_schema(
+                by_alias, ref_template, schema_generator, mode
+            )
+            _SCHEMAS[key] = schema
+
+        return copy.deepcopy(schema)
+
+
+_SCHEMAS: dict[tuple[object, ...], dict[str, Any]] = {}
+
+
+class BudgetBlock(_DispatchBlock):
     """The dollar caps of paid work: per run, per calendar month, and approval.
 
     Both caps default to $0, so paid work is off until someone sets a
@@ -184,7 +217,6 @@ class BudgetBlock(Block):
 
     _block_type_name = "Dispatch Budget"
     _logo_url = _LOGO_WORK  # type: ignore[assignment]
-    _documentation_url = _DOCS_URL  # type: ignore[assignment]
 
     run_usd: UsdAmount = Field(
         default=Decimal(0),
@@ -252,7 +284,7 @@ _COMPUTE_FIELDS = ("gpu_usd_per_s", "vcpu_usd_per_s", "gib_usd_per_s")
 _TOKEN_FIELDS = ("input_usd_per_mtok", "output_usd_per_mtok")
 
 
-class RatesBlock(Block):
+class RatesBlock(_DispatchBlock):
     """What a backend costs: per-second compute rates, token rates, or both.
 
     Compute rates price a job by the second (GPU, vCPU, GiB of memory) plus
@@ -276,7 +308,6 @@ class RatesBlock(Block):
 
     _block_type_name = "Dispatch Rates"
     _logo_url = _LOGO_WORK  # type: ignore[assignment]
-    _documentation_url = _DOCS_URL  # type: ignore[assignment]
 
     gpu_usd_per_s: UsdAmount | None = Field(
         default=None,
@@ -439,7 +470,7 @@ class SecretSource(enum.StrEnum):
     GCP_SECRET_MANAGER = "gcp_secret_manager"
 
 
-class SecretRefBlock(Block):
+class SecretRefBlock(_DispatchBlock):
     """Where an API key lives, by name; never the key itself.
 
     The key is read when it is needed (``resolve()``): from an environment
@@ -459,7 +490,6 @@ class SecretRefBlock(Block):
 
     _block_type_name = "Dispatch Secret Reference"
     _logo_url = _LOGO_SECRET  # type: ignore[assignment]
-    _documentation_url = _DOCS_URL  # type: ignore[assignment]
 
     source: SecretSource = Field(
         default=SecretSource.ENV,
@@ -601,7 +631,7 @@ def _not_found_cause(exc: ValueError) -> BaseException | None:
     return cause if isinstance(cause, ObjectNotFound) else None
 
 
-class BackendBlock(Block):
+class BackendBlock(_DispatchBlock):
     """A place work can run: its kind, what it offers, its rates and pool.
 
     The router walks local, LAN, cloud and (only when a call opts in) SDK
@@ -624,7 +654,6 @@ class BackendBlock(Block):
 
     _block_type_name = "Dispatch Backend"
     _logo_url = _LOGO_WORK  # type: ignore[assignment]
-    _documentation_url = _DOCS_URL  # type: ignore[assignment]
 
     kind: BackendKind = Field(
         default=...,
@@ -759,7 +788,7 @@ class BackendBlock(Block):
 _LEDGER_SCHEMES = ("sqlite", "postgresql")
 
 
-class LedgerBlock(Block):
+class LedgerBlock(_DispatchBlock):
     """Where reservations and spend are recorded: a database URL.
 
     Empty means ``$DISPATCH_PREFECT_LEDGER_URL`` when set, else the embedded
@@ -782,7 +811,6 @@ class LedgerBlock(Block):
 
     _block_type_name = "Dispatch Ledger"
     _logo_url = _LOGO_STORE  # type: ignore[assignment]
-    _documentation_url = _DOCS_URL  # type: ignore[assignment]
 
     url: SecretStr | None = Field(
         default=None,
@@ -1190,36 +1218,46 @@ def apply_block_documents(
     """
     order = {cls: index for index, cls in enumerate(_APPLY_ORDER)}
     outcomes = []
-    for spec in sorted(specs, key=lambda spec: order[type(spec.block)]):
-        cls = type(spec.block)
-        saved = find_saved_block(cls, spec.name)
-        if saved is None:
-            action = ApplyAction.CREATED
-        elif _same_document(saved, spec.block):
-            action = ApplyAction.UNCHANGED
-            spec.block._block_document_id = saved._block_document_id
-        else:
-            action = ApplyAction.CHANGED
-
-        if action is not ApplyAction.UNCHANGED and not dry_run:
-            spec.block.save(spec.name, overwrite=True, _sync=True)  # type: ignore[call-arg]
-        outcomes.append(ApplyOutcome(spec=spec, action=action))
+    with get_client(sync_client=True) as client:
+        for spec in sorted(specs, key=lambda spec: order[type(spec.block)]):
+            action = _compare_with_saved(client, spec.block, spec.name)
+            if action is not ApplyAction.UNCHANGED and not dry_run:
+                spec.block.save(spec.name, overwrite=True, _sync=True)  # type: ignore[call-arg]
+            outcomes.append(ApplyOutcome(spec=spec, action=action))
 
     return outcomes
 
 
-def _same_document(saved: Block, wanted: Block) -> bool:
-    with get_client(sync_client=True) as client:
+def _compare_with_saved(
+    client: SyncPrefectClient, wanted: Block, name: str
+) -> ApplyAction:
+    # An unchanged document lends its id to the wanted block, so documents
+    # that refer to it are saved with a reference, not a copy.
+    cls = type(wanted)
+    try:
         document = client.read_block_document_by_name(
-            name=saved._block_document_name or "",
-            block_type_slug=saved.get_block_type_slug(),
-            include_secrets=False,
+            name=name,
+            block_type_slug=cls.get_block_type_slug(),
+            include_secrets=True,
         )
-    schema = document.block_schema
-    if schema is None or schema.checksum != type(wanted)._calculate_schema_checksum():
-        return False
+    except ObjectNotFound:
+        return ApplyAction.CREATED
 
-    return _comparable(saved) == _comparable(wanted)
+    schema = document.block_schema
+    if schema is None or schema.checksum != cls._calculate_schema_checksum():
+        return ApplyAction.CHANGED
+
+    try:
+        saved = cls._from_block_document(document)
+    except ValidationError:
+        return ApplyAction.CHANGED
+
+    if _comparable(saved) != _comparable(wanted):
+        return ApplyAction.CHANGED
+
+    wanted._block_document_id = document.id
+
+    return ApplyAction.UNCHANGED
 
 
 def _comparable(block: Block) -> dict[str, Any]:
