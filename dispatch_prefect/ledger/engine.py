@@ -1,0 +1,300 @@
+"""Connections to the ledger database: URLs, durability, locks, failures.
+
+SQLite runs in WAL mode with ``synchronous=FULL``: every commit is on disk
+(the WAL is synced) before ``reserve`` or ``reconcile`` returns, so a power
+cut cannot lose a reservation that was reported as made. Writes begin with
+``BEGIN IMMEDIATE``, which takes the database write lock before the read
+that decides admission; two processes can therefore never both read the
+same totals and both write. Readers are not blocked by the writer. Ledger
+writers queue for their turn on a lock file beside the database
+(``WriterQueue``), which hands the write lock over without SQLite's sleeps.
+
+PostgreSQL runs at READ COMMITTED; the write paths lock the rows of the
+windows they change (see ``store``), and ``lock_timeout`` bounds every wait.
+
+A database that cannot be reached, or that stays locked longer than the
+timeout, raises ``LedgerUnavailable``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+from dispatch_prefect.ledger.errors import (
+    LedgerError,
+    LedgerInputError,
+    LedgerUnavailable,
+)
+
+__all__ = [
+    "LEDGER_URL_ENV",
+    "WRITE_OPTION",
+    "WriterQueue",
+    "default_url",
+    "describe_driver_failure",
+    "describe_failure",
+    "is_retryable",
+    "is_retryable_driver_error",
+    "make_engine",
+    "normalize_url",
+]
+
+LEDGER_URL_ENV = "DISPATCH_PREFECT_LEDGER_URL"
+
+# Execution option that makes a SQLite transaction take the write lock at
+# BEGIN (``BEGIN IMMEDIATE``) instead of at its first write.
+WRITE_OPTION = "dispatch_ledger_write"
+
+# Serialization failure and deadlock: the transaction did nothing; run it again.
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def default_url() -> str:
+    """``$DISPATCH_PREFECT_LEDGER_URL``, else a SQLite file under PREFECT_HOME."""
+    configured = os.environ.get(LEDGER_URL_ENV)
+    if configured:
+        return configured
+
+    from prefect.settings import get_current_settings
+
+    path = Path(get_current_settings().home) / "dispatch_prefect" / "ledger.db"
+
+    return f"sqlite:///{path}"
+
+
+def normalize_url(url: str) -> URL:
+    """Parse ``url`` and pick the driver the ledger uses for its database.
+
+    ``postgresql://`` (and ``postgres://``) become ``postgresql+psycopg://``;
+    ``sqlite:///path`` stays as it is.
+
+    Raises:
+        LedgerInputError: not a SQLite file or PostgreSQL URL.
+    """
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise LedgerInputError(
+            "the ledger URL cannot be parsed; write it as "
+            "'sqlite:////absolute/path/ledger.db' or "
+            "'postgresql://user@host:5432/database'"
+        ) from exc
+
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        if parsed.database in (None, "", ":memory:"):
+            raise LedgerInputError(
+                "an in-memory SQLite ledger forgets every reservation when it "
+                "closes; give a file: 'sqlite:////absolute/path/ledger.db'"
+            )
+        return parsed.set(drivername="sqlite+pysqlite")
+
+    raise LedgerInputError(
+        f"the ledger runs on SQLite or PostgreSQL (psycopg 3), not "
+        f"{parsed.drivername!r}; use 'sqlite:///...' or 'postgresql://...'"
+    )
+
+
+def make_engine(
+    url: URL, *, lock_timeout_s: float, pg_schema: str | None = None
+) -> Engine:
+    """An engine for ``url`` with the ledger's durability and lock settings."""
+    if url.get_backend_name() == "sqlite":
+        if pg_schema is not None:
+            raise LedgerInputError(
+                f"schema {pg_schema!r} applies to PostgreSQL only; for SQLite "
+                "give another file instead"
+            )
+        return _sqlite_engine(url, lock_timeout_s=lock_timeout_s)
+
+    return _postgres_engine(url, lock_timeout_s=lock_timeout_s, pg_schema=pg_schema)
+
+
+def _sqlite_engine(url: URL, *, lock_timeout_s: float) -> Engine:
+    database = url.database or ""
+    if not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+    engine = sa.create_engine(
+        url,
+        connect_args={"timeout": lock_timeout_s, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: object) -> None:
+        # The driver must not open transactions on its own: the "begin"
+        # hook below chooses BEGIN or BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        writes = connection.get_execution_options().get(WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(
+    url: URL, *, lock_timeout_s: float, pg_schema: str | None
+) -> Engine:
+    options = f"-c lock_timeout={max(1, round(lock_timeout_s * 1000))}"
+    if pg_schema is not None:
+        if not pg_schema.replace("_", "").isalnum():
+            raise LedgerInputError(
+                f"schema {pg_schema!r} must be letters, digits and underscores"
+            )
+        options += f" -c search_path={pg_schema}"
+
+    connect_args = {
+        "connect_timeout": max(1, round(lock_timeout_s)),
+        "application_name": "dispatch_prefect.ledger",
+        "options": options,
+    }
+
+    return sa.create_engine(url, connect_args=connect_args)
+
+
+class WriterQueue:
+    """Hands SQLite's write lock from one ledger writer to the next at once.
+
+    SQLite's busy handler polls: a waiting writer sleeps up to 100 ms between
+    tries, so under contention the write lock sits free while every waiter
+    sleeps, and eight processes reach a fraction of the commits the disk
+    allows. Ledger writers therefore queue on an advisory ``flock`` of a
+    file beside the database first; the kernel wakes the next one the moment
+    the lock is let go. Correctness does not rest on it: ``BEGIN IMMEDIATE``
+    still takes SQLite's own lock, so other writers (and a deleted lock
+    file) are safe. Without ``fcntl`` (Windows) writers rely on SQLite alone.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self._path = f"{database}.lock"
+
+    @contextlib.contextmanager
+    def turn(self, *, timeout_s: float) -> Iterator[None]:
+        """Wait for this writer's turn, at most ``timeout_s`` seconds.
+
+        Raises:
+            LedgerUnavailable: another writer held its turn past the timeout.
+        """
+        if fcntl is None:
+            yield
+            return
+
+        descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _wait_for_flock(descriptor, self._path, timeout_s)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        try:
+            yield
+        finally:
+            os.close(descriptor)  # lets the next writer in
+
+
+def _wait_for_flock(descriptor: int, path: str, timeout_s: float) -> None:
+    """Block in ``flock`` on a helper thread so the wait can time out.
+
+    On a timeout the helper keeps the descriptor and closes it once it gets
+    the lock, so the caller never closes a descriptor still in use.
+    """
+    assert fcntl is not None
+    locking = fcntl
+    got_it = threading.Event()
+    guard = threading.Lock()
+    gave_up = False
+
+    def wait() -> None:
+        locking.flock(descriptor, locking.LOCK_EX)
+        with guard:
+            if gave_up:
+                os.close(descriptor)
+            else:
+                got_it.set()
+
+    threading.Thread(target=wait, name="ledger-writer-turn", daemon=True).start()
+    if got_it.wait(timeout_s):
+        return
+
+    with guard:
+        if got_it.is_set():
+            return
+        gave_up = True
+    raise LedgerUnavailable(
+        f"another ledger writer held {path} for more than {timeout_s} s; "
+        "check for a stuck process using the ledger, then retry; nothing "
+        "was changed"
+    )
+
+
+def is_retryable(exc: sa.exc.DBAPIError) -> bool:
+    """True when the transaction failed as a whole and may simply run again."""
+    if exc.connection_invalidated:
+        return True
+
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+
+    return sqlstate in _RETRYABLE_SQLSTATES
+
+
+def is_retryable_driver_error(exc: BaseException) -> bool:
+    """True for a deadlock or serialization failure raised by the driver."""
+    return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
+def describe_failure(exc: sa.exc.SQLAlchemyError, *, where: str) -> LedgerError:
+    """The ledger error for a failure seen through SQLAlchemy."""
+    unavailable = isinstance(
+        exc,
+        sa.exc.OperationalError
+        | sa.exc.InterfaceError
+        | sa.exc.TimeoutError
+        | sa.exc.DisconnectionError,
+    ) or bool(getattr(exc, "connection_invalidated", False))
+
+    return describe_driver_failure(
+        getattr(exc, "orig", None) or exc, where=where, unavailable=unavailable
+    )
+
+
+def describe_driver_failure(
+    exc: BaseException, *, where: str, unavailable: bool
+) -> LedgerError:
+    """The ledger error for a database failure; the gate refuses on it."""
+    detail = str(exc).strip().splitlines()
+    reason = detail[0] if detail else exc.__class__.__name__
+
+    if unavailable:
+        return LedgerUnavailable(
+            f"the ledger at {where} cannot be used right now ({reason}); "
+            "check that the database is reachable and not held by a long "
+            "transaction, then retry; nothing was changed"
+        )
+
+    return LedgerError(f"the ledger at {where} failed: {reason}")

@@ -1,0 +1,122 @@
+"""The statements of the hot paths, as SQL text run on the driver connection.
+
+Admission is a race against the commit of the next writer, so the time a
+transaction holds the lock should be the database's own. SQLAlchemy's
+statement execution costs several times what SQLite takes to run these
+statements (measured on a 2-core machine: about 300 us a statement against
+20 us), so ``check``, ``reserve``, ``reconcile`` and ``release`` run this
+fixed SQL on the DBAPI connection taken from SQLAlchemy's pool. The tables
+are still defined, created and versioned by SQLAlchemy (``schema``), and
+listings use SQLAlchemy Core.
+
+The text works on both SQLite (3.35 or newer, for ``RETURNING``) and
+PostgreSQL; only the placeholder style differs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dispatch_prefect.ledger.schema import reservations, totals
+
+__all__ = ["RESERVATION_COLUMNS", "HotSql"]
+
+RESERVATION_COLUMNS = tuple(column.name for column in reservations.columns)
+
+_RES = reservations.name
+_TOT = totals.name
+_BY_KEY = "root_run_id = :k_root AND task_run_id = :k_task AND attempt = :k_attempt"
+_TOTALS_COLUMNS = "budget, window_kind, window_id, reserved_usd, spent_usd"
+_TOTALS_KEY = "budget, window_kind, window_id"
+
+
+@dataclass(frozen=True)
+class HotSql:
+    """The hot statements, in the placeholder style of one driver."""
+
+    select_one: str
+    select_one_locked: str
+    select_run_keys: str
+    insert_one: str
+    settle: str
+    read_pair: str
+    lock_pair: str
+    write_pair: str
+    read_one: str
+    lock_one: str
+    write_one: str
+
+    @classmethod
+    def for_dialect(cls, dialect_name: str) -> HotSql:
+        """The statements for ``sqlite`` or ``postgresql``."""
+        postgres = dialect_name == "postgresql"
+        columns = ", ".join(RESERVATION_COLUMNS)
+        select_one = f"SELECT {columns} FROM {_RES} WHERE {_BY_KEY}"
+        placeholders = ", ".join(f":{name}" for name in RESERVATION_COLUMNS)
+        pair_where = (
+            "(budget = :budget AND window_kind = 'month' AND window_id = :month)"
+            " OR (budget = :budget AND window_kind = 'run' AND window_id = :run)"
+        )
+        # Month before run: every writer locks totals rows in this order.
+        pair_values = (
+            "(:budget, 'month', :month, :month_reserved, :month_spent), "
+            "(:budget, 'run', :run, :run_reserved, :run_spent)"
+        )
+        overwrite = (
+            f"ON CONFLICT ({_TOTALS_KEY}) DO UPDATE SET "
+            "reserved_usd = excluded.reserved_usd, spent_usd = excluded.spent_usd"
+        )
+        keep = (
+            f"ON CONFLICT ({_TOTALS_KEY}) DO UPDATE SET "
+            f"reserved_usd = {_TOT}.reserved_usd "
+            "RETURNING window_kind, window_id, reserved_usd, spent_usd"
+        )
+        sql = cls(
+            select_one=select_one,
+            select_one_locked=select_one + (" FOR UPDATE" if postgres else ""),
+            select_run_keys=(
+                f"SELECT task_run_id, attempt FROM {_RES} WHERE root_run_id = :k_root"
+            ),
+            insert_one=(
+                f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders}) "
+                "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING"
+            ),
+            settle=(
+                f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
+                "overrun = :overrun, swept = :swept, unverified = :unverified, "
+                f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved'"
+            ),
+            read_pair=(
+                "SELECT window_kind, window_id, reserved_usd, spent_usd "
+                f"FROM {_TOT} WHERE {pair_where}"
+            ),
+            lock_pair=(
+                f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES "
+                "(:budget, 'month', :month, 0, 0), (:budget, 'run', :run, 0, 0) " + keep
+            ),
+            write_pair=f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES {pair_values} "
+            + overwrite,
+            read_one=(
+                "SELECT window_kind, window_id, reserved_usd, spent_usd "
+                f"FROM {_TOT} WHERE budget = :budget AND window_kind = :kind "
+                "AND window_id = :window_id"
+            ),
+            lock_one=(
+                f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES "
+                "(:budget, :kind, :window_id, 0, 0) " + keep
+            ),
+            write_one=(
+                f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES "
+                "(:budget, :kind, :window_id, :reserved, :spent) " + overwrite
+            ),
+        )
+        if not postgres:
+            return sql
+
+        return cls(**{name: _pyformat(text) for name, text in vars(sql).items()})
+
+
+def _pyformat(text: str) -> str:
+    """``:name`` placeholders as psycopg's ``%(name)s``."""
+    return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", text)
