@@ -525,3 +525,20 @@ def test_postgresql_urls_use_psycopg_and_a_held_lock_fails_closed(
     finally:
         with psycopg.connect(pg_url, autocommit=True) as connection:
             connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def test_a_writer_stuck_in_its_turn_fails_closed(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Ledger writers queue on a lock file; a held turn times out, not hangs."""
+    import fcntl
+
+    with Ledger.open(sqlite_url, lock_timeout_s=0.3) as ledger:
+        with open(tmp_path / "ledger.db.lock", "a+b") as turn:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+            with pytest.raises(LedgerUnavailable, match="another ledger writer"):
+                reserve(ledger, "0.10")
+            assert ledger.check(BUDGET, "run-1", Decimal("0.10"), CAP).admitted
+
+        reserve(ledger, "0.10")
+        assert len(ledger.reservations()) == 1

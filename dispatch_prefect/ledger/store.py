@@ -330,12 +330,19 @@ class Ledger:
                 written.
             LedgerUnavailable: the database cannot be reached.
         """
-        plans = [_plan(request) for request in requests]
+        now = datetime.now(UTC)
+        plans = [_plan(request, now=now) for request in requests]
         if not plans:
             return []
 
         if len(plans) == 1:
-            return [self._run(lambda cursor: self._reserve_one(cursor, plans[0]))]
+            # Built before the lock is taken: the lock is held for SQL only.
+            plan = plans[0]
+            made = plan.reservation()
+            row = self._params(made)
+            return [
+                self._run(lambda cursor: self._reserve_one(cursor, plan, made, row))
+            ]
 
         return self._run(lambda cursor: self._reserve_batch(cursor, plans))
 
@@ -600,7 +607,13 @@ class Ledger:
 
         return isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError)
 
-    def _reserve_one(self, cursor: Any, plan: _Plan) -> Reservation:
+    def _reserve_one(
+        self,
+        cursor: Any,
+        plan: _Plan,
+        reservation: Reservation,
+        row: dict[str, object],
+    ) -> Reservation:
         windows = [plan.month_window, plan.run_window]
         states = self._lock_windows(cursor, windows)
         decision = _decide(plan, states)
@@ -611,8 +624,7 @@ class Ledger:
                 return found
             raise _refusal(plan, decision)
 
-        reservation = plan.reservation()
-        cursor.execute(self._sql.insert_one, self._params(reservation))
+        cursor.execute(self._sql.insert_one, row)
         if cursor.rowcount != 1:
             found = self._select(cursor, plan.key)
             if found is None:  # pragma: no cover - the insert saw it
@@ -847,7 +859,7 @@ class Ledger:
         return [_reservation(row) for row in rows]
 
 
-def _plan(request: ReservationRequest) -> _Plan:
+def _plan(request: ReservationRequest, *, now: datetime) -> _Plan:
     if not isinstance(request, ReservationRequest):
         raise LedgerInputError(
             f"reserve_many takes ReservationRequest values, got "
@@ -861,7 +873,7 @@ def _plan(request: ReservationRequest) -> _Plan:
             f"label must be a string, got {type(request.label).__name__}"
         )
     time_zone = inputs.zone(request.time_zone)
-    at = inputs.moment(request.at)
+    at = now if request.at is None else inputs.moment(request.at)
 
     return _Plan(
         key=request.key,
