@@ -28,7 +28,12 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["LocalPrefectServer", "free_port", "local_prefect_server"]
+__all__ = [
+    "LocalPrefectServer",
+    "free_port",
+    "local_prefect_server",
+    "prefect_worker",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ def local_prefect_server(
     *,
     home: Path | None = None,
     ui: bool = False,
+    port: int | None = None,
     startup_timeout_s: float = 120.0,
 ) -> Iterator[LocalPrefectServer]:
     """Start ``prefect server start`` on a free port; stop it on exit.
@@ -80,6 +86,7 @@ def local_prefect_server(
         home: ``PREFECT_HOME`` of the server (and of processes given its
             ``env``); a temporary folder, removed on exit, when None.
         ui: serve the Prefect UI too (slower to start).
+        port: the loopback port to listen on; a free one when None.
         startup_timeout_s: how long to wait for ``/api/health``.
 
     Raises:
@@ -91,7 +98,7 @@ def local_prefect_server(
         Path(tempfile.mkdtemp(prefix="dispatch-prefect-")) if home is None else home
     )
     home_path.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -114,6 +121,7 @@ def local_prefect_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     try:
         _wait_until_healthy(api_url, process, log_path, startup_timeout_s)
@@ -128,6 +136,16 @@ def local_prefect_server(
         _stop(process)
         if owned_home:
             shutil.rmtree(home_path, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so none is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _wait_until_healthy(
@@ -167,3 +185,76 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def prefect_worker(
+    pool: str,
+    *,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    worker_type: str = "process",
+    log_path: Path | None = None,
+    startup_timeout_s: float = 60.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``prefect worker start --pool POOL`` until the block exits.
+
+    The pool is created if missing. Waits until the server has seen the
+    worker's first heartbeat, so work submitted next is picked up.
+    """
+    log_file = log_path or Path(tempfile.mkstemp(prefix=f"worker-{pool}-")[1])
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(
+            [
+                prefect_executable(),
+                "worker",
+                "start",
+                "--pool",
+                pool,
+                "--type",
+                worker_type,
+                "--prefetch-seconds",
+                "5",
+            ],
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    try:
+        _wait_for_worker(
+            env["PREFECT_API_URL"], pool, process, log_file, startup_timeout_s
+        )
+        yield process
+    finally:
+        _stop(process)
+
+
+def _wait_for_worker(
+    api_url: str,
+    pool: str,
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout_s: float,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"worker for pool {pool!r} exited with code "
+                f"{process.returncode}; see {log_path}"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            response = httpx.post(
+                f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=2
+            )
+            if response.status_code == 200 and response.json():
+                return
+        time.sleep(0.5)
+
+    raise TimeoutError(
+        f"worker for pool {pool!r} did not report within {timeout_s:.0f} s; "
+        f"see {log_path}"
+    )

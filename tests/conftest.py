@@ -17,8 +17,16 @@ import pytest  # noqa: E402
 
 from dispatch_prefect.testing import (  # noqa: E402
     LocalPrefectServer,
+    free_port,
     local_prefect_server,
 )
+
+# The session's server answers on this port once the `prefect_server`
+# fixture has started it. Setting the URL before Prefect is imported makes
+# every thread and child process of the test session use it, not only the
+# code that runs inside a settings context.
+SERVER_PORT = free_port()
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{SERVER_PORT}/api"
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -27,20 +35,12 @@ DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 def prefect_server() -> Iterator[LocalPrefectServer]:
     """One real ``prefect server start`` (with its UI) for the whole session.
 
-    The test process itself talks to it through ``PREFECT_API_URL``; child
-    processes (workers) get ``server.env``.
+    The test process and its threads reach it through ``PREFECT_API_URL``,
+    set when this file is loaded; child processes (workers) get
+    ``server.env``.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with (
-        local_prefect_server(ui=True) as server,
-        temporary_settings(updates={PREFECT_API_URL: server.api_url}),
-    ):
-        os.environ["PREFECT_API_URL"] = server.api_url
-        try:
-            yield server
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
+    with local_prefect_server(ui=True, port=SERVER_PORT) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

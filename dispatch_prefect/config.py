@@ -1,0 +1,233 @@
+"""The gate's configuration, loaded from Prefect Blocks once per flow run.
+
+A budget, the ledger and the backends are read from their blocks the first
+time a flow run gates a call and kept for the rest of that run, so a loop of
+gated calls costs one round of block reads, not one per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+
+from dispatch_prefect.gate import (
+    IMPLICIT_LOCAL,
+    GateError,
+    GateSpec,
+    RoutedBackend,
+    local_host_vram_gb,
+)
+from dispatch_prefect.policy import BackendCapabilities, BackendKind, BudgetCap
+
+if TYPE_CHECKING:
+    from dispatch_prefect.blocks import BackendBlock
+    from dispatch_prefect.ledger import Ledger
+
+__all__ = ["GateConfig", "load_gate_config", "root_flow_run_id"]
+
+logger = logging.getLogger("dispatch_prefect.config")
+
+#: Approval wait when no budget block is saved (only free work passes then).
+DEFAULT_APPROVAL_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Everything the gate reads from blocks for one flow run."""
+
+    root_run_id: UUID
+    cap: BudgetCap
+    time_zone: str
+    auto_approve_below_usd: Decimal
+    approval_timeout_s: int
+    backends: tuple[RoutedBackend, ...]
+    ledger: Ledger
+
+
+_cache: dict[tuple[object, ...], GateConfig] = {}
+_ledgers: dict[str, Ledger] = {}
+_lock = threading.Lock()
+
+
+def load_gate_config(spec: GateSpec, flow_run_id: UUID) -> GateConfig:
+    """The configuration a call of ``spec`` in ``flow_run_id`` runs under.
+
+    Raises:
+        GateError: a named block is missing (the message names it and the
+            command that creates it) or the ledger cannot be opened.
+    """
+    cache_key = (flow_run_id, spec.budget, spec.ledger, spec.backends)
+    with _lock:
+        cached = _cache.get(cache_key)
+    if cached is not None:
+        return cached
+
+    config = _load(spec, flow_run_id)
+    with _lock:
+        _cache[cache_key] = config
+
+    return config
+
+
+def _load(spec: GateSpec, flow_run_id: UUID) -> GateConfig:
+    from dispatch_prefect.blocks import BlockNotFound, BudgetBlock, load_block
+
+    try:
+        budget = load_block(BudgetBlock, spec.budget)
+    except BlockNotFound:
+        if spec.budget != "default":
+            raise
+        logger.warning(
+            "no budget block 'default' is saved: the cap is $0, so only free "
+            "work runs; create one with `dispatch-prefect blocks apply blocks/`"
+        )
+        budget = None
+
+    if budget is None:
+        cap = BudgetCap()
+        time_zone = "UTC"
+        auto_below = Decimal(0)
+        timeout_s = DEFAULT_APPROVAL_TIMEOUT_S
+    else:
+        cap = budget.to_cap()
+        time_zone = budget.time_zone
+        auto_below = budget.auto_approve_below_usd
+        timeout_s = budget.approval_timeout_s
+
+    return GateConfig(
+        root_run_id=root_flow_run_id(flow_run_id),
+        cap=cap,
+        time_zone=time_zone,
+        auto_approve_below_usd=auto_below,
+        approval_timeout_s=timeout_s,
+        backends=load_backends(spec.backends),
+        ledger=open_ledger(spec.ledger),
+    )
+
+
+def open_ledger(name: str) -> Ledger:
+    """The ledger a ledger block names; the embedded file for a missing default."""
+    from dispatch_prefect.blocks import BlockNotFound, LedgerBlock, load_block
+    from dispatch_prefect.ledger import Ledger
+
+    with _lock:
+        if name in _ledgers:
+            return _ledgers[name]
+
+    try:
+        ledger = load_block(LedgerBlock, name).open_ledger()
+    except BlockNotFound:
+        if name != "default":
+            raise
+        ledger = Ledger.open(None)
+
+    with _lock:
+        _ledgers.setdefault(name, ledger)
+
+        return _ledgers[name]
+
+
+def load_backends(names: tuple[str, ...] | None) -> tuple[RoutedBackend, ...]:
+    """The named backend blocks, or every saved one plus this machine."""
+    if names is not None:
+        return tuple(_named_backend(name) for name in names)
+
+    routed = [to_routed(name, block) for name, block in _all_backend_blocks()]
+    if not any(backend.kind is BackendKind.LOCAL for backend in routed):
+        routed.insert(0, implicit_local_backend())
+
+    return tuple(routed)
+
+
+def _named_backend(name: str) -> RoutedBackend:
+    from dispatch_prefect.blocks import BackendBlock, BlockNotFound, load_block
+
+    try:
+        return to_routed(name, load_block(BackendBlock, name))
+    except BlockNotFound:
+        if name != IMPLICIT_LOCAL:
+            raise
+
+        return implicit_local_backend()
+
+
+def implicit_local_backend() -> RoutedBackend:
+    """This machine, as it really is, at no cost: used when none is saved."""
+    vram_gb = local_host_vram_gb()
+
+    return RoutedBackend(
+        name=IMPLICIT_LOCAL,
+        kind=BackendKind.LOCAL,
+        capabilities=BackendCapabilities(
+            has_gpu=vram_gb is not None, available_vram_gb=vram_gb
+        ),
+    )
+
+
+def to_routed(name: str, block: BackendBlock) -> RoutedBackend:
+    """The router's view of a backend block.
+
+    A LOCAL backend's GPU is read from the machine itself, whatever the block
+    says: the host is the truth about what can run here.
+    """
+    capabilities = block.to_capabilities()
+    if block.kind is BackendKind.LOCAL:
+        vram_gb = local_host_vram_gb()
+        capabilities = BackendCapabilities(
+            has_gpu=vram_gb is not None,
+            available_vram_gb=vram_gb,
+            images=capabilities.images,
+            tool_ids=capabilities.tool_ids,
+        )
+
+    return RoutedBackend(
+        name=name,
+        kind=BackendKind(block.kind),
+        capabilities=capabilities,
+        cost_rates=block.cost_rates(),
+        token_rates=block.token_rates(),
+        work_pool=block.work_pool,
+        deployment=getattr(block, "deployment", None),
+        job_variables=dict(block.job_variables or {}),
+    )
+
+
+def _all_backend_blocks() -> list[tuple[str, BackendBlock]]:
+    from dispatch_prefect.blocks import BackendBlock
+
+    slug = BackendBlock.get_block_type_slug()
+    with get_client(sync_client=True) as client:
+        documents = client.read_block_documents_by_type(slug)
+
+    found = []
+    for document in sorted(documents, key=lambda doc: doc.name or ""):
+        if document.name is None:
+            continue
+        block = BackendBlock._from_block_document(document)
+        if not isinstance(block, BackendBlock):
+            raise GateError(f"block {slug}/{document.name} is not a backend block")
+        found.append((document.name, block))
+
+    return found
+
+
+def root_flow_run_id(flow_run_id: UUID) -> UUID:
+    """The outermost flow run above ``flow_run_id``: the run window's id."""
+    current = flow_run_id
+    with get_client(sync_client=True) as client:
+        for _ in range(100):
+            flow_run = client.read_flow_run(current)
+            if flow_run.parent_task_run_id is None:
+                return current
+            parent_task = client.read_task_run(flow_run.parent_task_run_id)
+            if parent_task.flow_run_id is None:
+                return current
+            current = parent_task.flow_run_id
+
+    return current

@@ -1,0 +1,176 @@
+"""Settling reservations from what really ran.
+
+Each admitted call is remembered here from its reservation until it is
+settled: reconciled at the cost of its real runtime (the child flow run's
+start and end, plus the backend's idle tail; or the measured inline time),
+or released when the job never started. Settling happens once per attempt,
+whichever comes first: the task body when an attempt fails (so a retry is
+charged for what the failed attempt used), the task's completion and
+failure hooks, or a flow's crash and cancellation hooks. A call nobody
+settles, because the process died, is left reserved for the sweeper, which
+charges its full bound when it cannot find the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+
+if TYPE_CHECKING:
+    from dispatch_prefect.gate import Plan
+    from dispatch_prefect.ledger import Ledger, Reservation
+
+__all__ = [
+    "record_child_run",
+    "record_inline_runtime",
+    "remember_reservation",
+    "settle",
+    "settle_flow_run",
+    "settle_on_completion",
+    "settle_on_failure",
+]
+
+logger = logging.getLogger("dispatch_prefect.hooks")
+
+
+@dataclass
+class _OpenCall:
+    plan: Plan
+    ledger: Ledger
+    child_flow_run_id: UUID | None = None
+    inline_runtime_s: Decimal | None = None
+
+
+_open: dict[UUID, _OpenCall] = {}
+_lock = threading.Lock()
+
+
+def remember_reservation(task_run_id: UUID, plan: Plan, ledger: Ledger) -> None:
+    """Track a reserved call until it is settled."""
+    with _lock:
+        _open[task_run_id] = _OpenCall(plan=plan, ledger=ledger)
+
+
+def record_child_run(task_run_id: UUID, flow_run_id: UUID) -> None:
+    """Note the flow run that carries a call on its work pool."""
+    with _lock:
+        if task_run_id in _open:
+            _open[task_run_id].child_flow_run_id = flow_run_id
+
+
+def record_inline_runtime(task_run_id: UUID, runtime_s: Decimal) -> None:
+    """Note how long an inline call really ran."""
+    with _lock:
+        if task_run_id in _open:
+            _open[task_run_id].inline_runtime_s = runtime_s
+
+
+def settle(task_run_id: UUID) -> Reservation | None:
+    """Reconcile or release one call's reservation; at most once.
+
+    Never raises: a call that cannot be settled now stays reserved, and the
+    sweeper settles it later (charging its full bound if nothing is known).
+    """
+    with _lock:
+        call = _open.pop(task_run_id, None)
+    if call is None:
+        return None
+
+    try:
+        return _settle(call)
+    except Exception:
+        logger.exception(
+            "could not settle %s (%s); it stays reserved at $%s until the "
+            "sweeper settles it",
+            call.plan.spec.tool_id,
+            call.plan.key,
+            call.plan.bound_usd,
+        )
+        return None
+
+
+def _settle(call: _OpenCall) -> Reservation:
+    from dispatch_prefect import report
+
+    plan = call.plan
+    runtime_s = call.inline_runtime_s
+    if call.child_flow_run_id is not None:
+        runtime_s = child_runtime_s(call.child_flow_run_id)
+
+    if runtime_s is None:
+        reservation = call.ledger.release(plan.key)
+        logger.info("released $%s: %s never started", plan.bound_usd, plan.spec.tool_id)
+    else:
+        actual_usd = plan.backend.actual_usd(plan.spec, runtime_s)
+        reservation = call.ledger.reconcile(plan.key, actual_usd)
+        logger.info(
+            "reconciled %s: $%s spent of $%s reserved (%s s)",
+            plan.spec.tool_id,
+            actual_usd,
+            plan.bound_usd,
+            runtime_s,
+        )
+
+    report.emit_settled(plan, reservation)
+    report.publish_spend(plan, call.ledger)
+
+    return reservation
+
+
+def child_runtime_s(flow_run_id: UUID) -> Decimal | None:
+    """Seconds a child flow run really ran; None if it never started."""
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+
+    return runtime_between(flow_run.start_time, flow_run.end_time)
+
+
+def runtime_between(start: datetime | None, end: datetime | None) -> Decimal | None:
+    """Seconds from ``start`` to ``end`` (to now while running); None if unstarted."""
+    if start is None:
+        return None
+
+    if end is None:
+        from datetime import UTC
+
+        end = datetime.now(UTC)
+
+    seconds = max((end - start).total_seconds(), 0.0)
+
+    return Decimal(repr(round(seconds, 3)))
+
+
+def settle_on_completion(task: Any, task_run: Any, state: Any) -> None:
+    """Task hook: the call completed; charge what it used."""
+    settle(task_run.id)
+
+
+def settle_on_failure(task: Any, task_run: Any, state: Any) -> None:
+    """Task hook: the call failed for good; charge what it used, if anything."""
+    settle(task_run.id)
+
+
+def settle_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook for ``on_crashed`` / ``on_cancellation``: settle what is open.
+
+    ```python
+    @flow(on_crashed=[settle_flow_run], on_cancellation=[settle_flow_run])
+    def pipeline(): ...
+    ```
+    """
+    run_id = str(flow_run.id)
+    with _lock:
+        open_ids = [
+            task_run_id
+            for task_run_id, call in _open.items()
+            if run_id in (call.plan.flow_run_id, call.plan.key.root_run_id)
+        ]
+    for task_run_id in open_ids:
+        settle(task_run_id)

@@ -1,0 +1,334 @@
+"""Running an admitted call: inline, or as a flow run on a backend's work pool.
+
+A backend with no work pool runs the function right here, in the task, under
+a timeout of ``max_runtime_s``. A backend with a pool runs it as a flow run of
+the ``dispatch-gated-call`` deployment on that pool (created once per pool by
+``dispatch-prefect pools deploy POOL``): a local process pool, a LAN machine's
+pool, or a Cloud Run pool whose job timeout is set to ``max_runtime_s``.
+
+``run_deployment`` is used rather than infrastructure-bound flows because it
+takes per-call job variables (the timeout that makes the bound hold), an
+idempotency key (a replayed attempt does not start a second job), and returns
+the child run whose real start and end times the hooks reconcile from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from prefect import Task, flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.deployments import run_deployment
+from prefect.states import Cancelling
+from prefect.utilities.timeout import timeout, timeout_async
+
+from dispatch_prefect.gate import GateError
+
+if TYPE_CHECKING:
+    from dispatch_prefect.gate import Plan
+
+__all__ = [
+    "EXECUTOR_FLOW_NAME",
+    "JobFailedError",
+    "JobNeverStartedError",
+    "deploy_executor",
+    "gated_call",
+    "key_tag",
+    "submit_async",
+    "submit_sync",
+]
+
+logger = logging.getLogger("dispatch_prefect.submit")
+
+EXECUTOR_FLOW_NAME = "dispatch-gated-call"
+
+#: How long a job may wait in its pool's queue before it is called off
+#: (and its reservation released): no worker is serving the pool.
+START_DEADLINE_S = 600
+
+#: Extra time beyond ``max_runtime_s`` before the gate stops waiting for a
+#: job that should have timed out on its own, and cancels it.
+FINISH_GRACE_S = 120
+
+_FINAL = {
+    StateType.COMPLETED,
+    StateType.FAILED,
+    StateType.CRASHED,
+    StateType.CANCELLED,
+}
+
+
+class JobFailedError(RuntimeError):
+    """The job ran on its backend and did not complete."""
+
+
+class JobNeverStartedError(JobFailedError):
+    """No worker picked the job up in time; nothing ran, nothing is charged."""
+
+
+def key_tag(plan: Plan) -> str:
+    """The tag that ties a child flow run to its reservation."""
+    return f"dispatch-key:{plan.key.task_run_id}:{plan.key.attempt}"
+
+
+def submit_sync(
+    plan: Plan,
+    function: Callable[..., Any],
+    target: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run a sync gated function where the plan says."""
+    if plan.backend.work_pool is None:
+        return _run_inline(plan, lambda: function(*args, **kwargs))
+
+    return _run_on_pool(plan, function, target, args, kwargs)
+
+
+async def submit_async(
+    plan: Plan,
+    function: Callable[..., Any],
+    target: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run an async gated function where the plan says."""
+    from dispatch_prefect.hooks import record_inline_runtime, settle
+
+    if plan.backend.work_pool is not None:
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(
+            lambda: _run_on_pool(plan, function, target, args, kwargs)
+        )
+
+    task_run_id = UUID(plan.key.task_run_id)
+    started = time.monotonic()
+    try:
+        with timeout_async(plan.spec.max_runtime_s):
+            return await function(*args, **kwargs)
+    except BaseException:
+        record_inline_runtime(task_run_id, _elapsed(started))
+        settle(task_run_id)
+        raise
+    finally:
+        record_inline_runtime(task_run_id, _elapsed(started))
+
+
+def _run_inline(plan: Plan, call: Callable[[], Any]) -> Any:
+    from dispatch_prefect.hooks import record_inline_runtime, settle
+
+    task_run_id = UUID(plan.key.task_run_id)
+    started = time.monotonic()
+    try:
+        with timeout(plan.spec.max_runtime_s):
+            return call()
+    except BaseException:
+        # A failed attempt is settled now: a retry reserves afresh, and the
+        # failure hook only runs after the last attempt.
+        record_inline_runtime(task_run_id, _elapsed(started))
+        settle(task_run_id)
+        raise
+    finally:
+        record_inline_runtime(task_run_id, _elapsed(started))
+
+
+def _elapsed(started: float) -> Decimal:
+    return Decimal(repr(round(time.monotonic() - started, 3)))
+
+
+def _run_on_pool(
+    plan: Plan,
+    function: Callable[..., Any],
+    target: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    from dispatch_prefect.hooks import record_child_run, settle
+
+    task_run_id = UUID(plan.key.task_run_id)
+    arguments = inspect.signature(function).bind(*args, **kwargs).arguments
+    deployment = plan.backend.deployment or (
+        f"{EXECUTOR_FLOW_NAME}/{plan.backend.work_pool}"
+    )
+    try:
+        child: FlowRun = run_deployment(  # type: ignore[assignment]
+            deployment,
+            parameters={
+                "target": target,
+                "arguments": dict(arguments),
+                "max_runtime_s": plan.spec.max_runtime_s,
+            },
+            job_variables=_job_variables(plan),
+            timeout=0,
+            idempotency_key=f"{plan.key.root_run_id}:{key_tag(plan)}",
+            tags=[key_tag(plan), "dispatch-prefect"],
+            flow_run_name=f"{plan.spec.tool_id}-{plan.key.attempt}",
+        )
+    except Exception as exc:
+        settle(task_run_id)
+        raise GateError(
+            f"could not submit {plan.spec.tool_id} to deployment {deployment!r} "
+            f"on pool {plan.backend.work_pool!r}: {exc}; create it with "
+            f"`dispatch-prefect pools deploy {plan.backend.work_pool}`"
+        ) from exc
+
+    record_child_run(task_run_id, child.id)
+    logger.info("submitted %s as flow run %s", plan.spec.tool_id, child.id)
+    try:
+        finished = _wait_for(child.id, plan)
+    except BaseException:
+        settle(task_run_id)
+        raise
+
+    if finished.state_type is not StateType.COMPLETED:
+        settle(task_run_id)
+        message = finished.state.message if finished.state else "no state"
+        raise JobFailedError(
+            f"{plan.spec.tool_id} on {plan.backend.name} ended "
+            f"{finished.state_name}: {message}"
+        )
+
+    assert finished.state is not None
+    return finished.state.result()
+
+
+def _wait_for(flow_run_id: UUID, plan: Plan) -> FlowRun:
+    """Poll the child run to its end, calling it off if it overstays."""
+    submitted = time.monotonic()
+    started: float | None = None
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run_id)
+            if flow_run.state_type in _FINAL:
+                return flow_run
+
+            now = time.monotonic()
+            if started is None and flow_run.start_time is not None:
+                started = now
+            if started is None and now - submitted > START_DEADLINE_S:
+                _cancel(client, flow_run_id)
+                raise JobNeverStartedError(
+                    f"no worker started {plan.spec.tool_id} on pool "
+                    f"{plan.backend.work_pool!r} within {START_DEADLINE_S} s; "
+                    f"start one with `prefect worker start --pool "
+                    f"{plan.backend.work_pool}`"
+                )
+            limit = plan.spec.max_runtime_s + FINISH_GRACE_S
+            if started is not None and now - started > limit:
+                _cancel(client, flow_run_id)
+                raise JobFailedError(
+                    f"{plan.spec.tool_id} ran past its max_runtime_s of "
+                    f"{plan.spec.max_runtime_s} s and was cancelled"
+                )
+            time.sleep(1.0)
+
+
+def _cancel(client: Any, flow_run_id: UUID) -> None:
+    client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+
+
+def _job_variables(plan: Plan) -> dict[str, Any]:
+    variables = dict(plan.backend.job_variables)
+    pool = plan.backend.work_pool
+    if pool is not None and _pool_type(pool).startswith("cloud-run"):
+        # Cloud Run stops the job at its task timeout: the bound holds.
+        variables["timeout"] = plan.spec.max_runtime_s
+
+    return variables
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_type(pool: str) -> str:
+    with get_client(sync_client=True) as client:
+        return client.read_work_pool(pool).type
+
+
+def child_runs_for(tag: str) -> list[FlowRun]:
+    """Flow runs carrying a reservation's tag (for the sweeper)."""
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+        )
+
+
+def resolve_target(target: str) -> Callable[..., Any]:
+    """Import ``module:qualname`` and return the plain function behind it."""
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+
+    raw = getattr(obj, "__dispatch_function__", None)
+    if raw is not None:
+        return raw  # type: ignore[no-any-return]
+    if isinstance(obj, Task):
+        return obj.fn
+    if not callable(obj):
+        raise TypeError(f"{target} is not callable")
+
+    return obj  # type: ignore[no-any-return]
+
+
+@flow(name=EXECUTOR_FLOW_NAME, persist_result=True)
+def gated_call(target: str, arguments: dict[str, Any], max_runtime_s: int) -> Any:
+    """Run one admitted gated function on this worker, within its runtime.
+
+    Started by the gate only: its parameters come from an approved,
+    reserved call.
+    """
+    function = resolve_target(target)
+    if inspect.iscoroutinefunction(function):
+        return asyncio.run(
+            asyncio.wait_for(function(**arguments), timeout=max_runtime_s)
+        )
+
+    with timeout(max_runtime_s):
+        return function(**arguments)
+
+
+def deploy_executor(
+    work_pool: str, *, job_variables: dict[str, Any] | None = None
+) -> UUID:
+    """Create or update the ``dispatch-gated-call/<pool>`` deployment.
+
+    The entrypoint is a module path, so a worker runs it from the installed
+    ``dispatch_prefect`` package with no code download; the worker's
+    environment must also import the modules that define gated functions.
+    """
+    from prefect.client.schemas.actions import DeploymentCreate  # noqa: F401
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(EXECUTOR_FLOW_NAME)
+        deployment_id: UUID = client.create_deployment(
+            flow_id=flow_id,
+            name=work_pool,
+            work_pool_name=work_pool,
+            entrypoint="dispatch_prefect.submit.gated_call",
+            parameter_openapi_schema=gated_call.parameters.model_dump(),
+            job_variables=job_variables or {},
+            enforce_parameter_schema=True,
+            description=(
+                "Runs gated functions admitted by dispatch_prefect's gate on "
+                f"work pool {work_pool!r}."
+            ),
+        )
+
+    return deployment_id
+
+
+def utc_now() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
