@@ -195,7 +195,19 @@ def to_routed(name: str, block: BackendBlock) -> RoutedBackend:
         work_pool=block.work_pool,
         deployment=getattr(block, "deployment", None),
         job_variables=dict(block.job_variables or {}),
+        pool_type=None if block.work_pool is None else pool_type(block.work_pool),
     )
+
+
+def pool_type(pool: str) -> str | None:
+    """The worker type of a work pool, or None when no such pool exists yet."""
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_work_pool(pool).type
+        except ObjectNotFound:
+            return None
 
 
 def _all_backend_blocks() -> list[tuple[str, BackendBlock]]:

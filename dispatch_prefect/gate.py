@@ -181,6 +181,31 @@ class RoutedBackend:
     work_pool: str | None = None
     deployment: str | None = None
     job_variables: dict[str, Any] = field(default_factory=dict)
+    pool_type: str | None = None
+
+    @property
+    def runs_on_cloud_run_l4(self) -> bool:
+        """A GPU backend reached through a Cloud Run pool: one NVIDIA L4."""
+        pool_type = self.pool_type or ""
+
+        return pool_type.startswith("cloud-run") and self.capabilities.has_gpu
+
+    def billed_shape(self, spec: GateSpec) -> tuple[Decimal, Decimal]:
+        """The vCPUs and GiB the backend bills for a call of ``spec``.
+
+        Cloud Run gives an L4 task at least 4 vCPUs and 16 GiB whatever the
+        call declares, and bills them, so the bound prices that shape.
+        """
+        if not self.runs_on_cloud_run_l4:
+            return spec.vcpus, spec.memory_gib
+
+        from dispatch_prefect.templates import cloud_run_l4_shape
+
+        cpu, memory_gib = cloud_run_l4_shape(
+            min_vcpus=float(spec.vcpus), min_memory_gib=float(spec.memory_gib)
+        )
+
+        return Decimal(cpu), Decimal(memory_gib)
 
     def can_satisfy(self, req: ToolRequirements) -> bool:
         """Whether this backend can run the call."""
@@ -209,11 +234,13 @@ class RoutedBackend:
                 "so the call cannot be priced; set rates on its backend block"
             )
 
+        vcpus, memory_gib = self.billed_shape(spec)
+
         return estimate_cost(
             self.cost_rates,
             max_runtime_s=spec.max_runtime_s,
-            vcpus=spec.vcpus,
-            memory_gib=spec.memory_gib,
+            vcpus=vcpus,
+            memory_gib=memory_gib,
         )
 
     def actual_usd(self, spec: GateSpec, runtime_s: Decimal) -> Decimal:
@@ -221,11 +248,13 @@ class RoutedBackend:
         if self.cost_rates is None:
             return Decimal(0)
 
+        vcpus, memory_gib = self.billed_shape(spec)
+
         return estimate_cost(
             self.cost_rates,
             max_runtime_s=runtime_s,
-            vcpus=spec.vcpus,
-            memory_gib=spec.memory_gib,
+            vcpus=vcpus,
+            memory_gib=memory_gib,
         )
 
     def _token_bound(self, spec: GateSpec) -> Decimal:

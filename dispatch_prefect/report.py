@@ -163,6 +163,7 @@ def _publish_spend(plan: Plan, ledger: Ledger) -> None:
             f"${run_state.committed()} of ${plan.cap.run_usd} "
             f"(spent ${run_state.spent_usd}, reserved ${run_state.reserved_usd})."
         ),
+        _sync=True,  # type: ignore[call-arg]
     )
     cap = plan.cap.month_usd
     # A display percentage, not money: the figures in the text stay exact.
@@ -176,6 +177,7 @@ def _publish_spend(plan: Plan, ledger: Ledger) -> None:
             f"of ${cap} (spent ${month_state.spent_usd}, reserved "
             f"${month_state.reserved_usd})."
         ),
+        _sync=True,  # type: ignore[call-arg]
     )
 
 

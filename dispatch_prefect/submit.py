@@ -15,7 +15,6 @@ the child run whose real start and end times the hooks reconcile from.
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import inspect
 import logging
@@ -242,18 +241,19 @@ def _cancel(client: Any, flow_run_id: UUID) -> None:
 
 def _job_variables(plan: Plan) -> dict[str, Any]:
     variables = dict(plan.backend.job_variables)
-    pool = plan.backend.work_pool
-    if pool is not None and _pool_type(pool).startswith("cloud-run"):
-        # Cloud Run stops the job at its task timeout: the bound holds.
-        variables["timeout"] = plan.spec.max_runtime_s
+    if plan.backend.runs_on_cloud_run_l4:
+        from dispatch_prefect.templates import cloud_run_job_variables
+
+        # The shape that was priced, and Cloud Run stops the job at its task
+        # timeout: the bound holds.
+        vcpus, memory_gib = plan.backend.billed_shape(plan.spec)
+        variables |= cloud_run_job_variables(
+            timeout_s=plan.spec.max_runtime_s,
+            cpu=int(vcpus),
+            memory_gib=int(memory_gib),
+        )
 
     return variables
-
-
-@functools.lru_cache(maxsize=64)
-def _pool_type(pool: str) -> str:
-    with get_client(sync_client=True) as client:
-        return client.read_work_pool(pool).type
 
 
 def child_runs_for(tag: str) -> list[FlowRun]:

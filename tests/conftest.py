@@ -41,6 +41,16 @@ def prefect_server() -> Iterator[LocalPrefectServer]:
     """
     with local_prefect_server(ui=True, port=SERVER_PORT) as server:
         yield server
+        drain_prefect_clients()
+
+
+def drain_prefect_clients() -> None:
+    """Send what Prefect's background services still hold before the server goes."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (EventsWorker, APILogWorker):
+        service.drain_all(timeout=10)
 
 
 @pytest.fixture(scope="session")

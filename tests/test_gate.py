@@ -390,3 +390,37 @@ def test_bad_limits_are_refused_when_decorating(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         gated_task(tool_id="x", **options)(gated_jobs.gpu_job)
+
+
+def test_cloud_run_l4_calls_are_priced_and_sized_as_the_l4_task_billed(
+    prefect_server: LocalPrefectServer,
+) -> None:
+    """A call declaring 1 vCPU and 2 GiB still gets, and pays for, 4 and 16."""
+    from dispatch_prefect.cloud_run import create_cloud_run_pool
+    from dispatch_prefect.config import to_routed
+    from dispatch_prefect.gate import GateSpec
+    from dispatch_prefect.templates import check_cloud_run_l4_resources
+
+    create_cloud_run_pool("gate-l4-pool")
+    L4_RATES.save("gate-l4-rates", overwrite=True)
+    block = BackendBlock(
+        kind="cloud_worker",
+        has_gpu=True,
+        available_vram_gb=24,
+        rates=RatesBlock.load("gate-l4-rates"),
+        work_pool="gate-l4-pool",
+    )
+    backend = to_routed("gate-real-l4", block)
+    spec = GateSpec(tool_id="small", max_runtime_s=600, vcpus=1, memory_gib=2)
+
+    assert backend.runs_on_cloud_run_l4
+    per_s = Decimal("0.0001867") + 4 * Decimal("0.000018") + 16 * Decimal("0.000002")
+    assert backend.bound_usd(spec) == 605 * per_s
+
+    from dispatch_prefect.submit import _job_variables
+
+    plan = type("PlanLike", (), {"backend": backend, "spec": spec})()
+    variables = _job_variables(plan)  # type: ignore[arg-type]
+    assert variables["timeout"] == 600
+    check_cloud_run_l4_resources(cpu=4, memory_gib=16, timeout_s=600)
+    assert variables["cpu"] == "4" and variables["memory"] == "16Gi"
