@@ -11,11 +11,11 @@ os.environ.setdefault(
 )
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator
 
-import pytest  # noqa: E402
+import pytest
 
-from dispatch_prefect.testing import (  # noqa: E402
+from dispatch_prefect.testing import (
     LocalPrefectServer,
     free_port,
     local_prefect_server,
