@@ -23,14 +23,18 @@ from uuid import UUID
 
 from prefect.client.orchestration import get_client
 
+from dispatch_prefect.policy.money import EXACT
+
 if TYPE_CHECKING:
     from dispatch_prefect.gate import Plan
     from dispatch_prefect.ledger import Ledger, Reservation
 
 __all__ = [
+    "price_from_tags",
     "record_child_run",
     "record_inline_runtime",
     "remember_reservation",
+    "resolve_from_prefect",
     "settle",
     "settle_flow_run",
     "settle_on_completion",
@@ -174,3 +178,50 @@ def settle_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
         ]
     for task_run_id in open_ids:
         settle(task_run_id)
+
+
+def resolve_from_prefect(reservation: Reservation) -> Decimal | None:
+    """The sweeper's resolver: what an unsettled call really cost, if known.
+
+    A call that ran on a pool left a child flow run tagged with its key and
+    its price: a finished child is charged its real runtime, one that never
+    started costs nothing. Anything else (an inline call whose process died,
+    a child still running, a child without a price) is unknown: None, so
+    the ledger charges the full bound and flags it.
+    """
+    from dispatch_prefect.submit import child_runs_for
+
+    tag = f"dispatch-key:{reservation.key.task_run_id}:{reservation.key.attempt}"
+    children = child_runs_for(tag)
+    if len(children) != 1:
+        return None
+
+    child = children[0]
+    if child.state is None or not child.state.is_final():
+        return None
+
+    runtime_s = runtime_between(child.start_time, child.end_time)
+    if runtime_s is None:
+        return Decimal(0)
+
+    price = price_from_tags(child.tags)
+    if price is None:
+        return None
+    per_s, tail_s = price
+
+    return EXACT.multiply(EXACT.add(runtime_s, tail_s), per_s)
+
+
+def price_from_tags(tags: list[str]) -> tuple[Decimal, Decimal] | None:
+    """(USD per second, idle tail s) from a child run's price tag."""
+    from decimal import InvalidOperation
+
+    for tag in tags:
+        if tag.startswith("dispatch-price:"):
+            _, per_s, tail_s = tag.split(":")
+            try:
+                return Decimal(per_s), Decimal(tail_s)
+            except InvalidOperation:
+                return None
+
+    return None

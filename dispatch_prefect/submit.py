@@ -45,6 +45,7 @@ __all__ = [
     "deploy_executor",
     "gated_call",
     "key_tag",
+    "price_tag",
     "submit_async",
     "submit_sync",
 ]
@@ -80,6 +81,22 @@ class JobNeverStartedError(JobFailedError):
 def key_tag(plan: Plan) -> str:
     """The tag that ties a child flow run to its reservation."""
     return f"dispatch-key:{plan.key.task_run_id}:{plan.key.attempt}"
+
+
+def price_tag(plan: Plan) -> str:
+    """The tag that lets the sweeper price a child run nobody settled.
+
+    ``dispatch-price:<USD per second>:<idle tail s>``, both exact decimals.
+    """
+    backend = plan.backend
+    if backend.cost_rates is None:
+        return "dispatch-price:0:0"
+
+    per_s = backend.actual_usd(plan.spec, Decimal(1)) - backend.actual_usd(
+        plan.spec, Decimal(0)
+    )
+
+    return f"dispatch-price:{per_s}:{backend.cost_rates.idle_tail_s}"
 
 
 def submit_sync(
@@ -173,7 +190,7 @@ def _run_on_pool(
             job_variables=_job_variables(plan),
             timeout=0,
             idempotency_key=f"{plan.key.root_run_id}:{key_tag(plan)}",
-            tags=[key_tag(plan), "dispatch-prefect"],
+            tags=[key_tag(plan), price_tag(plan), "dispatch-prefect"],
             flow_run_name=f"{plan.spec.tool_id}-{plan.key.attempt}",
         )
     except Exception as exc:

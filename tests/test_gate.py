@@ -424,3 +424,105 @@ def test_cloud_run_l4_calls_are_priced_and_sized_as_the_l4_task_billed(
     assert variables["timeout"] == 600
     check_cloud_run_l4_resources(cpu=4, memory_gib=16, timeout_s=600)
     assert variables["cpu"] == "4" and variables["memory"] == "16Gi"
+
+
+CRASHING_CALLER = """
+import sys
+from decimal import Decimal
+from prefect import flow
+import gated_jobs
+from dispatch_prefect import gated_task
+
+cofold = gated_task(
+    tool_id="cofold", min_vram_gb=24, max_runtime_s=120, budget=sys.argv[1],
+    ledger=sys.argv[2], backends=["gate-cloud-l4"],
+)(gated_jobs.gpu_job)
+
+@flow
+def pipeline():
+    return cofold("MKV", seconds=6)
+
+pipeline()
+"""
+
+
+def test_sweep_charges_a_call_whose_caller_died_from_its_child_run(
+    prefect_server: LocalPrefectServer, ledger: Ledger, pools: None, tmp_path: Path
+) -> None:
+    """The caller is killed while its job runs; the sweeper settles the truth."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from dispatch_prefect.hooks import resolve_from_prefect
+
+    save_backends()
+    name = budget(
+        "gate-crash",
+        run_usd=Decimal(5),
+        month_usd=Decimal(50),
+        auto_approve_below_usd=Decimal(1),
+    )
+    script = tmp_path / "caller.py"
+    script.write_text(CRASHING_CALLER)
+    caller = subprocess.Popen(
+        [sys.executable, str(script), name, LEDGER],
+        env={**prefect_server.env, "PYTHONPATH": str(TESTS_DIR)},
+    )
+    deadline = time.monotonic() + 120
+    while not ledger.reservations(name) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    [reserved] = ledger.reservations(name)
+    tag = f"dispatch-key:{reserved.key.task_run_id}:{reserved.key.attempt}"
+    from dispatch_prefect.submit import child_runs_for
+
+    while not child_runs_for(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.kill(caller.pid, signal.SIGKILL)
+    caller.wait()
+    [child] = child_runs_for(tag)
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            child = client.read_flow_run(child.id)
+            if child.state is not None and child.state.is_final():
+                break
+            time.sleep(0.5)
+
+    assert ledger.reservations(name)[0].status is ReservationStatus.RESERVED
+    [swept] = ledger.sweep(older_than_s=0, resolve=resolve_from_prefect)
+
+    assert swept.key == reserved.key
+    assert swept.status is ReservationStatus.SPENT and swept.swept
+    assert not swept.unverified
+    assert child.start_time is not None and child.end_time is not None
+    runtime_s = Decimal(
+        str(round((child.end_time - child.start_time).total_seconds(), 3))
+    )
+    per_s = Decimal("0.0001867") + Decimal("0.000018") + Decimal("0.000002")
+    assert swept.actual_usd == (runtime_s + 5) * per_s
+    assert runtime_s >= 6
+
+
+def test_sweep_charges_the_full_bound_when_the_truth_is_lost(
+    ledger: Ledger,
+) -> None:
+    from dispatch_prefect.hooks import resolve_from_prefect
+    from dispatch_prefect.ledger import ReservationKey
+    from dispatch_prefect.policy import BudgetCap
+
+    key = ReservationKey(root_run_id="lost-run", task_run_id="lost-task", attempt=1)
+    ledger.reserve(
+        key,
+        budget="gate-lost",
+        bound_usd=Decimal("0.42"),
+        cap=BudgetCap(run_usd=Decimal(1), month_usd=Decimal(1)),
+    )
+
+    swept = [
+        r
+        for r in ledger.sweep(older_than_s=0, resolve=resolve_from_prefect)
+        if r.key == key
+    ]
+
+    assert swept[0].actual_usd == Decimal("0.42") and swept[0].unverified
