@@ -25,6 +25,7 @@ if not approval.approved:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout, NotPausedError
 from prefect.flow_runs import apause_flow_run, pause_flow_run, resume_flow_run
 from prefect.input import RunInput
-from prefect.logging import get_logger, get_run_logger
+from prefect.logging import get_run_logger
 
 from dispatch_prefect.policy import Approval, ApprovalOutcome, BackendKind, BudgetState
 from dispatch_prefect.policy.money import EXACT, as_usd
@@ -85,7 +86,7 @@ _MAX_REASON_CHARS: Final = 2000
 # A paused run saves its form's schema a moment after it enters PAUSED.
 _SCHEMA_WAIT_S: Final = 10.0
 
-_logger = get_logger("dispatch_prefect.approval")
+_logger = logging.getLogger("dispatch_prefect.approval")
 
 
 class ApprovalInput(RunInput):
@@ -358,7 +359,6 @@ def request_approval(
 
     form = _prepare(request, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
 
-    started = time.monotonic()
     try:
         answer = pause_flow_run(
             wait_for_input=form,
@@ -367,7 +367,7 @@ def request_approval(
             key=key,
         )
     except (FlowPauseTimeout, pydantic.ValidationError) as exc:
-        return _without_answer(exc, request, started=started)
+        return _without_answer(exc, request, timeout_s=timeout_s)
 
     return _answered(answer, request)
 
@@ -382,7 +382,6 @@ async def arequest_approval(
     """The async twin of :func:`request_approval`, for async tasks and flows."""
     form = _prepare(request, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
 
-    started = time.monotonic()
     try:
         answer = await apause_flow_run(
             wait_for_input=form,
@@ -391,7 +390,7 @@ async def arequest_approval(
             key=key,
         )
     except (FlowPauseTimeout, pydantic.ValidationError) as exc:
-        return _without_answer(exc, request, started=started)
+        return _without_answer(exc, request, timeout_s=timeout_s)
 
     return _answered(answer, request)
 
@@ -546,15 +545,15 @@ def _without_answer(
     exc: FlowPauseTimeout | pydantic.ValidationError,
     request: ApprovalRequest,
     *,
-    started: float,
+    timeout_s: int,
 ) -> Approval:
     if isinstance(exc, pydantic.ValidationError):
         return _invalid_answer(exc)
 
-    return _unanswered(request, waited_s=time.monotonic() - started)
+    return _unanswered(request, timeout_s=timeout_s)
 
 
-def _unanswered(request: ApprovalRequest, *, waited_s: float) -> Approval:
+def _unanswered(request: ApprovalRequest, *, timeout_s: int) -> Approval:
     """A pause that ended without an answer: a cancellation or a timeout.
 
     Prefect 3.9.1's in-process wait only watches for the run to turn RUNNING,
@@ -573,7 +572,7 @@ def _unanswered(request: ApprovalRequest, *, waited_s: float) -> Approval:
         reason = "the flow run was cancelled while it waited for approval"
     else:
         author = TIMEOUT_AUTHOR
-        reason = f"no one answered within {waited_s:.0f} s"
+        reason = f"no one answered within the {timeout_s} s timeout"
 
     get_run_logger().warning(
         "%s %s rejected: %s", request.tool_id, format_usd(request.bound_usd), reason
@@ -690,8 +689,9 @@ def _artifact_key(request: ApprovalRequest) -> str:
 
 def _artifact_description(approval: Approval, request: ApprovalRequest) -> str:
     return (
-        f"Approval of {request.tool_id} on {request.backend_name}: "
-        f"{approval.outcome.value} by {approval.author}"
+        f"{approval.outcome.value.capitalize()} by {approval.author}: "
+        f"{request.tool_id} on {request.backend_name}, bound "
+        f"{format_usd(request.bound_usd)}"
     )
 
 
