@@ -9,8 +9,10 @@ For SQLite and for PostgreSQL, in one run:
 - ``raw_commits_per_s``: 8 processes each looping over bare single-row
   read-then-update transactions on the same database with the same
   durability (SQLite WAL + ``synchronous=FULL``; PostgreSQL with its
-  defaults). One row, so they serialize like the ledger's month window. It
-  is measured before and after the ledger phase and averaged.
+  defaults). One row, so they serialize like the ledger's month window.
+  The ledger load runs in four slices and the raw loop is measured before,
+  between and after them; the rates are averaged (disk latency on a shared
+  machine drifts by several times within a minute).
 - ``pairs_per_s``: 8 processes each making reserve + reconcile pairs
   against one budget whose caps refuse some: the processes share each run
   window, which admits about 9 in 10 of its attempts, and the month cap
@@ -39,27 +41,22 @@ import json
 import logging
 import multiprocessing
 import os
-import random
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from dispatch_prefect.ledger import (
-    BudgetExceeded,
-    Ledger,
-    ReservationKey,
-    ReservationRequest,
-)
+from dispatch_prefect.ledger import BudgetExceeded, Ledger, ReservationKey
 from dispatch_prefect.policy import BudgetCap
 
 PROCESSES = 8
+SLICES = 4
 ATTEMPTS_PER_RUN = 10
 BOUND_USD = Decimal("0.10")
 ACTUAL_USD = Decimal("0.08")
@@ -74,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sqlite-attempts", type=int, default=400)
     parser.add_argument("--pg-attempts", type=int, default=120)
-    parser.add_argument("--raw-seconds", type=float, default=5.0)
+    parser.add_argument("--raw-seconds", type=float, default=3.0)
     parser.add_argument("--history", type=int, default=1_000_000)
     parser.add_argument(
         "--only",
@@ -114,18 +111,28 @@ def main() -> None:
 def contention(
     context: Any, url: str, schema: str | None, attempts: int, raw_seconds: float
 ) -> dict[str, Any]:
-    """Raw loop, ledger load, raw loop again, on one database."""
+    """The ledger load in slices, with the raw loop before, between and after.
+
+    Disk latency on a shared machine drifts by several times within a
+    minute, so the raw rate is sampled around every slice and averaged.
+    """
     Ledger.open(url, schema=schema).close()
     prepare_counter(url, schema)
 
-    raw_before = raw_rate(context, url, schema, raw_seconds)
-    load = run_load(context, url, schema, attempts, naive=False)
-    raw_after = raw_rate(context, url, schema, raw_seconds)
-    raw = (raw_before + raw_after) / 2
+    raw_rates: list[float] = []
+    load = run_load(
+        context,
+        url,
+        schema,
+        attempts,
+        naive=False,
+        between=lambda: raw_rates.append(raw_rate(context, url, schema, raw_seconds)),
+    )
+    raw = statistics.mean(raw_rates)
     pairs_per_s = load["admitted"] / load["seconds"]
     log(
-        f"{url.split(':')[0]}: raw {raw_before:.0f} / {raw_after:.0f} commits/s, "
-        f"{pairs_per_s:.0f} pairs/s, {load['admitted']} admitted, "
+        f"{url.split(':')[0]}: raw {[round(rate) for rate in raw_rates]} "
+        f"commits/s, {pairs_per_s:.0f} pairs/s, {load['admitted']} admitted, "
         f"{load['refused']} refused"
     )
 
@@ -158,10 +165,23 @@ def naive(context: Any, url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_load(
-    context: Any, url: str, schema: str | None, attempts: int, *, naive: bool
+    context: Any,
+    url: str,
+    schema: str | None,
+    attempts: int,
+    *,
+    naive: bool,
+    between: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """8 processes of reserve + reconcile pairs; checks the windows after."""
+    """8 processes of reserve + reconcile pairs; checks the windows after.
+
+    With ``between``, the load runs in SLICES parts and ``between`` runs
+    before, between and after them (outside the timed part).
+    """
     budget = f"bench-{uuid.uuid4().hex[:8]}"
+    slices = 1 if between is None else SLICES
+    per_slice = attempts // slices
+    attempts = per_slice * slices
     # Run caps admit about 9 in 10; the month cap stops the last tenth.
     admissible = PROCESSES * attempts * 9 // ATTEMPTS_PER_RUN
     month_cap = ACTUAL_USD * (admissible * 9 // 10)
@@ -170,13 +190,23 @@ def run_load(
         "url": url,
         "schema": schema,
         "budget": budget,
-        "attempts": attempts,
+        "attempts": per_slice,
         "run_cap": str(cap.run_usd),
         "month_cap": str(cap.month_usd),
         "naive": naive,
     }
 
-    outcomes = run_processes(context, load_worker, spec)
+    outcomes: list[dict[str, Any]] = []
+    seconds = 0.0
+    for part in range(slices):
+        if between is not None:
+            between()
+        done = run_processes(context, load_worker, {**spec, "first": part * per_slice})
+        seconds += max(outcome["seconds"] for outcome in done)
+        outcomes.extend(done)
+    if between is not None:
+        between()
+
     admitted = sum(outcome["admitted"] for outcome in outcomes)
     admitted_usd = sum(
         (Decimal(outcome["spent_usd"]) for outcome in outcomes), Decimal(0)
@@ -198,7 +228,7 @@ def run_load(
     return {
         "admitted": admitted,
         "refused": sum(outcome["refused"] for outcome in outcomes),
-        "seconds": max(outcome["seconds"] for outcome in outcomes),
+        "seconds": seconds,
         "overspend_usd": overspend,
     }
 
@@ -214,7 +244,8 @@ def load_worker(spec: dict[str, Any], index: int) -> dict[str, Any]:
     runs: set[str] = set()
     with Ledger.open(spec["url"], schema=spec["schema"], lock_timeout_s=60) as ledger:
         started = wait_for_start(spec)
-        for attempt in range(spec["attempts"]):
+        first = spec.get("first", 0)
+        for attempt in range(first, first + spec["attempts"]):
             run_id = f"{budget}-run{attempt // ATTEMPTS_PER_RUN}"
             key = ReservationKey(run_id, f"p{index}-task{attempt}", 1)
             runs.add(run_id)
@@ -360,22 +391,25 @@ def wait_for_start(spec: dict[str, Any]) -> float:
 
 def scale(folder: Path, history: int) -> dict[str, float]:
     """Median ``check`` time with 1,000 and with ``history`` rows behind it."""
-    small = Ledger.open(f"sqlite:///{folder}/scale-1k.db")
-    large = Ledger.open(f"sqlite:///{folder}/scale-1m.db")
+    ledgers = {}
+    for name, rows in (("small", 1_000), ("large", history)):
+        path = folder / f"scale-{name}.db"
+        Ledger.open(f"sqlite:///{path}").close()
+        fill(path, rows)
+        ledgers[name] = Ledger.open(f"sqlite:///{path}")
+
+    cap = BudgetCap(run_usd=Decimal(100), month_usd=Decimal(10**6))
+    timings: dict[str, list[float]] = {"small": [], "large": []}
     try:
-        fill(small, 1_000)
-        fill(large, history)
-        cap = BudgetCap(run_usd=Decimal(100), month_usd=Decimal(10**6))
-        timings: dict[str, list[float]] = {"small": [], "large": []}
         for _round in range(20):
-            for name, ledger in (("small", small), ("large", large)):
+            for name, ledger in ledgers.items():
                 for _check in range(100):
                     started = time.perf_counter()
                     ledger.check("scale", "run-7", Decimal("0.25"), cap)
                     timings[name].append(time.perf_counter() - started)
     finally:
-        small.close()
-        large.close()
+        for ledger in ledgers.values():
+            ledger.close()
 
     check_us_1k = statistics.median(timings["small"]) * 1e6
     check_us_1m = statistics.median(timings["large"]) * 1e6
@@ -384,23 +418,46 @@ def scale(folder: Path, history: int) -> dict[str, float]:
     return {"check_us_1k": round(check_us_1k, 1), "check_us_1m": round(check_us_1m, 1)}
 
 
-def fill(ledger: Ledger, rows: int) -> None:
-    """``rows`` reservations over two years of runs, through ``reserve_many``."""
-    randomness = random.Random(rows)
-    now = datetime.now(UTC)
-    batch = 20_000
-    for start in range(0, rows, batch):
-        requests = [
-            ReservationRequest(
-                key=ReservationKey(f"run-{number // 10}", f"task-{number}", 1),
-                budget="scale",
-                bound_usd=Decimal(randomness.randint(1, 10_000)) / 1000,
-                cap=UNLIMITED,
-                at=now - timedelta(days=randomness.uniform(0, 730)),
+def fill(path: Path, rows: int) -> None:
+    """``rows`` settled reservations over two years, ten to a run, and totals.
+
+    Written in bulk by SQLite itself (the ledger's own path would take an
+    hour for a million rows on a small machine); the totals are the exact
+    sums of the rows, as the ledger would have kept them.
+    """
+    moment = "'now', '-' || (i % 730) || ' days', '-' || (i % 86400) || ' seconds'"
+    cents = "CAST(REPLACE(bound_usd, '.', '') AS INTEGER)"
+    usd = f"printf('%d.%02d', SUM({cents}) / 100, SUM({cents}) % 100)"
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA synchronous=OFF")
+        connection.execute(
+            f"""
+            WITH RECURSIVE n(i) AS (
+                SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {rows}
             )
-            for number in range(start, min(start + batch, rows))
-        ]
-        ledger.reserve_many(requests)
+            INSERT INTO dispatch_ledger_reservations (
+                root_run_id, task_run_id, attempt, budget, month, time_zone,
+                bound_usd, actual_usd, status, overrun, swept, unverified,
+                created_at, settled_at, label
+            )
+            SELECT 'run-' || (i / 10), 'task-' || i, 1, 'scale',
+                strftime('%Y-%m', {moment}), 'UTC',
+                printf('%d.%02d', i % 97, i % 100),
+                printf('%d.%02d', i % 97, i % 100),
+                'spent', 0, 0, 0,
+                strftime('%Y-%m-%d %H:%M:%S.000000', {moment}),
+                strftime('%Y-%m-%d %H:%M:%S.000000', {moment}), ''
+            FROM n
+            """
+        )
+        for kind, column in (("run", "root_run_id"), ("month", "month")):
+            connection.execute(
+                f"""
+                INSERT INTO dispatch_ledger_totals
+                SELECT budget, '{kind}', {column}, '0', {usd}
+                FROM dispatch_ledger_reservations GROUP BY budget, {column}
+                """
+            )
     log(f"scale: {rows} reservations in history")
 
 

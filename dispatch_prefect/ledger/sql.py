@@ -39,9 +39,11 @@ class HotSql:
     select_one_locked: str
     select_run_keys: str
     insert_one: str
+    insert_new: str
     settle: str
     read_pair: str
     lock_pair: str
+    create_pair: str
     write_pair: str
     read_one: str
     lock_one: str
@@ -72,6 +74,10 @@ class HotSql:
             f"reserved_usd = {_TOT}.reserved_usd "
             "RETURNING window_kind, window_id, reserved_usd, spent_usd"
         )
+        read_pair = (
+            "SELECT window_kind, window_id, reserved_usd, spent_usd "
+            f"FROM {_TOT} WHERE {pair_where}"
+        )
         sql = cls(
             select_one=select_one,
             select_one_locked=select_one + (" FOR UPDATE" if postgres else ""),
@@ -82,18 +88,21 @@ class HotSql:
                 f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders}) "
                 "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING"
             ),
+            # A batch must fail on a key another writer added meanwhile (its
+            # totals were counted); the batch then runs again and finds it.
+            insert_new=f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})",
             settle=(
                 f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
                 "overrun = :overrun, swept = :swept, unverified = :unverified, "
                 f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved'"
             ),
-            read_pair=(
-                "SELECT window_kind, window_id, reserved_usd, spent_usd "
-                f"FROM {_TOT} WHERE {pair_where}"
-            ),
-            lock_pair=(
+            read_pair=read_pair,
+            # Row locks, taken in ORDER BY order: month before run.
+            lock_pair=read_pair + " ORDER BY window_kind FOR UPDATE",
+            create_pair=(
                 f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES "
-                "(:budget, 'month', :month, 0, 0), (:budget, 'run', :run, 0, 0) " + keep
+                "(:budget, 'month', :month, 0, 0), (:budget, 'run', :run, 0, 0) "
+                f"ON CONFLICT ({_TOTALS_KEY}) DO NOTHING"
             ),
             write_pair=f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES {pair_values} "
             + overwrite,

@@ -6,11 +6,13 @@ new totals before it commits:
 
 - SQLite: ``BEGIN IMMEDIATE`` takes the database write lock before the
   read, so no other process can read the same totals until the commit.
-- PostgreSQL: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` creates
-  and row-locks the totals rows of the windows in one statement, always in
-  the same order (sorted by budget, window kind, window id), so two writers
-  wait for each other instead of deadlocking. A deadlock or serialization
-  failure (never expected) runs the transaction again.
+- PostgreSQL (READ COMMITTED): ``SELECT ... FOR UPDATE`` row-locks the
+  totals rows of the windows, always in the same order (month before run;
+  batches sorted by budget, window kind, window id), so two writers wait
+  for each other and the second reads what the first committed. Missing
+  rows are created first. A deadlock (possible only when two writers open
+  the same new window at once) or serialization failure runs the whole
+  transaction again.
 
 The totals rows are what admission reads, so a check or a reservation costs
 the same whatever the size of history.
@@ -658,7 +660,7 @@ class Ledger:
             results.append(found)
 
         if made:
-            cursor.executemany(self._sql.insert_one, [self._params(r) for r in made])
+            cursor.executemany(self._sql.insert_new, [self._params(r) for r in made])
             self._write_windows(cursor, states, sorted(touched))
 
         return results
@@ -764,16 +766,25 @@ class Ledger:
         """Read the totals of ``windows`` so no other writer can change them.
 
         On SQLite the transaction already holds the database write lock. On
-        PostgreSQL the rows are created when missing and row-locked, in
-        sorted order (month before run) so writers never deadlock.
+        PostgreSQL the rows are row-locked in sorted order (month before
+        run), created first when missing.
         """
         if not self._postgres:
             return self._read_windows(cursor, windows)
 
         pair = _pair_params(windows)
         if pair is not None:
+            # Usually both rows exist and one statement locks them. A new
+            # run or month creates its row first and locks again; if that
+            # meets another writer doing the same, PostgreSQL reports a
+            # deadlock and the transaction runs again.
             cursor.execute(self._sql.lock_pair, pair)
-            return _states(windows[0][0], cursor.fetchall())
+            rows = cursor.fetchall()
+            if len(rows) < 2:
+                cursor.execute(self._sql.create_pair, pair)
+                cursor.execute(self._sql.lock_pair, pair)
+                rows = cursor.fetchall()
+            return _states(windows[0][0], rows)
 
         found: dict[Window, tuple[Decimal, Decimal]] = {}
         for budget, kind, window_id in sorted(windows):
