@@ -196,6 +196,8 @@ def to_routed(name: str, block: BackendBlock) -> RoutedBackend:
         deployment=getattr(block, "deployment", None),
         job_variables=dict(block.job_variables or {}),
         pool_type=None if block.work_pool is None else pool_type(block.work_pool),
+        base_url=block.base_url,
+        secret=block.secret,
     )
 
 

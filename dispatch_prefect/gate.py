@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 from uuid import UUID
 
 import anyio.to_thread
@@ -169,6 +169,14 @@ class GateSpec:
         )
 
 
+class SecretSource(Protocol):
+    """Anything that reads a key at call time (a secret reference block)."""
+
+    def resolve(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class RoutedBackend:
     """A backend as the router sees it: the policy view of a backend block."""
@@ -182,6 +190,8 @@ class RoutedBackend:
     deployment: str | None = None
     job_variables: dict[str, Any] = field(default_factory=dict)
     pool_type: str | None = None
+    base_url: str | None = None
+    secret: SecretSource | None = field(default=None, repr=False)
 
     @property
     def runs_on_cloud_run_l4(self) -> bool:

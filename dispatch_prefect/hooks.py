@@ -23,6 +23,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import get_client
 
+from dispatch_prefect.policy import BackendKind
 from dispatch_prefect.policy.money import EXACT
 
 if TYPE_CHECKING:
@@ -30,9 +31,11 @@ if TYPE_CHECKING:
     from dispatch_prefect.ledger import Ledger, Reservation
 
 __all__ = [
+    "current_call",
     "price_from_tags",
     "record_child_run",
     "record_inline_runtime",
+    "record_usage_usd",
     "remember_reservation",
     "resolve_from_prefect",
     "settle",
@@ -50,6 +53,7 @@ class _OpenCall:
     ledger: Ledger
     child_flow_run_id: UUID | None = None
     inline_runtime_s: Decimal | None = None
+    usage_usd: Decimal | None = None
 
 
 _open: dict[UUID, _OpenCall] = {}
@@ -74,6 +78,36 @@ def record_inline_runtime(task_run_id: UUID, runtime_s: Decimal) -> None:
     with _lock:
         if task_run_id in _open:
             _open[task_run_id].inline_runtime_s = runtime_s
+
+
+def current_call() -> tuple[Plan, UUID]:
+    """The admitted call the running task belongs to.
+
+    Raises:
+        RuntimeError: not inside a gated call that was admitted.
+    """
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    task_run_id = None if ctx is None else ctx.task_run.id
+    with _lock:
+        call = None if task_run_id is None else _open.get(task_run_id)
+    if call is None or task_run_id is None:
+        raise RuntimeError(
+            "not inside an admitted gated call: use this from the body of a "
+            "@gated_task function"
+        )
+
+    return call.plan, task_run_id
+
+
+def record_usage_usd(task_run_id: UUID, cost_usd: Decimal) -> None:
+    """Note what an SDK call's reported usage cost (added up per call)."""
+    with _lock:
+        call = _open.get(task_run_id)
+        if call is not None:
+            before = call.usage_usd or Decimal(0)
+            call.usage_usd = EXACT.add(before, cost_usd)
 
 
 def settle(task_run_id: UUID) -> Reservation | None:
@@ -108,7 +142,19 @@ def _settle(call: _OpenCall) -> Reservation:
     if call.child_flow_run_id is not None:
         runtime_s = child_runtime_s(call.child_flow_run_id)
 
-    if runtime_s is None:
+    if plan.backend.kind is BackendKind.SDK:
+        # Priced by tokens: what the call reported, or its whole bound when it
+        # reported nothing (the provider bills what it billed).
+        actual_usd = plan.bound_usd if call.usage_usd is None else call.usage_usd
+        reservation = call.ledger.reconcile(plan.key, actual_usd)
+        logger.info(
+            "reconciled %s: $%s spent of $%s reserved (%s)",
+            plan.spec.tool_id,
+            actual_usd,
+            plan.bound_usd,
+            "reported usage" if call.usage_usd is not None else "no usage reported",
+        )
+    elif runtime_s is None:
         reservation = call.ledger.release(plan.key)
         logger.info("released $%s: %s never started", plan.bound_usd, plan.spec.tool_id)
     else:

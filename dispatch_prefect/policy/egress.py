@@ -19,6 +19,7 @@ __all__ = [
     "SecretMissingError",
     "SecretRef",
     "log_egress",
+    "log_egress_to",
 ]
 
 logger = logging.getLogger("dispatch_prefect.egress")
@@ -97,9 +98,14 @@ def log_egress(endpoint: ExternalEndpoint, *, detail: str = "") -> None:
     The record names the endpoint, its host and the detail; never the key and
     never the variable that holds it.
     """
+    log_egress_to(endpoint.name, endpoint.host(), detail=detail)
+
+
+def log_egress_to(name: str, host: str, *, detail: str = "") -> None:
+    """``log_egress`` for an endpoint whose key is held elsewhere than the env."""
     logger.warning(
         "egress to %s (%s)%s",
-        endpoint.name,
-        endpoint.host(),
+        name,
+        host,
         f": {detail}" if detail else "",
     )
