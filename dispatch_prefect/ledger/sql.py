@@ -38,7 +38,6 @@ class HotSql:
     select_one: str
     select_one_locked: str
     select_run_keys: str
-    insert_one: str
     insert_new: str
     settle: str
     read_pair: str
@@ -84,12 +83,8 @@ class HotSql:
             select_run_keys=(
                 f"SELECT task_run_id, attempt FROM {_RES} WHERE root_run_id = :k_root"
             ),
-            insert_one=(
-                f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders}) "
-                "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING"
-            ),
-            # A batch must fail on a key another writer added meanwhile (its
-            # totals were counted); the batch then runs again and finds it.
+            # Fails on a key another writer added meanwhile (PostgreSQL;
+            # SQLite holds the database lock): the transaction runs again.
             insert_new=f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})",
             settle=(
                 f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "

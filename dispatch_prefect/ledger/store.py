@@ -617,26 +617,72 @@ class Ledger:
         row: dict[str, object],
     ) -> Reservation:
         windows = [plan.month_window, plan.run_window]
-        states = self._lock_windows(cursor, windows)
-        decision = _decide(plan, states)
-        if not decision.admitted:
+        states, found = self._lock_and_find(cursor, windows, plan.key)
+        if found is not None:
             # A replay of a key already reserved is not a new reservation.
-            found = self._select(cursor, plan.key)
-            if found is not None:
-                return found
-            raise _refusal(plan, decision)
-
-        cursor.execute(self._sql.insert_one, row)
-        if cursor.rowcount != 1:
-            found = self._select(cursor, plan.key)
-            if found is None:  # pragma: no cover - the insert saw it
-                raise AssertionError(f"reservation {plan.key} vanished")
             return found
 
+        decision = _decide(plan, states)
+        if not decision.admitted:
+            raise _refusal(plan, decision)
+
         _add(states, windows, reserved_usd=plan.bound_usd)
-        self._write_windows(cursor, states, windows)
+        self._finish(
+            cursor,
+            [
+                (self._sql.insert_new, row),
+                (self._sql.write_pair, self._pair_write(states, windows)),
+            ],
+        )
 
         return reservation
+
+    def _lock_and_find(
+        self, cursor: Any, windows: Sequence[Window], key: ReservationKey
+    ) -> tuple[dict[Window, tuple[Decimal, Decimal]], Reservation | None]:
+        """Lock the two windows and look the key up, in one round trip.
+
+        On PostgreSQL both statements go out in one pipeline; the lookup runs
+        after the locks, so it sees what the previous holder committed.
+        """
+        if not self._postgres:
+            return self._lock_windows(cursor, windows), self._select(cursor, key)
+
+        pair = _pair_params(windows)
+        connection = cursor.connection
+        finder = connection.cursor()
+        with connection.pipeline():
+            cursor.execute(self._sql.lock_pair, pair)
+            finder.execute(self._sql.select_one, _key_params(key))
+        rows = cursor.fetchall()
+        if len(rows) < 2:
+            states = self._lock_windows(cursor, windows)
+        else:
+            states = _states(windows[0][0], rows)
+        found = finder.fetchone()
+
+        return states, None if found is None else _reservation(found)
+
+    def _finish(
+        self, cursor: Any, statements: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Run the last writes of a transaction and commit.
+
+        On PostgreSQL the writes and the COMMIT go out in one pipeline, so
+        the row locks are held for one round trip and the fsync only. A
+        unique violation raised here (another writer added the same key)
+        rolls back and the transaction runs again.
+        """
+        if not self._postgres:
+            for statement, params in statements:
+                cursor.execute(statement, params)
+            return
+
+        connection = cursor.connection
+        with connection.pipeline():
+            for statement, params in statements:
+                cursor.execute(statement, params)
+            connection.commit()
 
     def _reserve_batch(self, cursor: Any, plans: Sequence[_Plan]) -> list[Reservation]:
         windows = sorted({w for p in plans for w in (p.month_window, p.run_window)})
@@ -702,19 +748,22 @@ class Ledger:
                 unverified=outcome.unverified,
                 settled_at=outcome.at,
             )
-            cursor.execute(
-                self._sql.settle,
-                {
-                    **_key_params(key),
-                    "status": settled.status.value,
-                    "actual_usd": money_param(actual, self._dialect),
-                    "overrun": settled.overrun,
-                    "swept": settled.swept,
-                    "unverified": settled.unverified,
-                    "settled_at": time_param(outcome.at, self._dialect),
-                },
+            change = {
+                **_key_params(key),
+                "status": settled.status.value,
+                "actual_usd": money_param(actual, self._dialect),
+                "overrun": settled.overrun,
+                "swept": settled.swept,
+                "unverified": settled.unverified,
+                "settled_at": time_param(outcome.at, self._dialect),
+            }
+            self._finish(
+                cursor,
+                [
+                    (self._sql.settle, change),
+                    (self._sql.write_pair, self._pair_write(states, windows)),
+                ],
             )
-            self._write_windows(cursor, states, windows)
 
             return settled, True
 
@@ -794,21 +843,29 @@ class Ledger:
 
         return found
 
+    def _pair_write(
+        self,
+        states: dict[Window, tuple[Decimal, Decimal]],
+        windows: Sequence[Window],
+    ) -> dict[str, Any]:
+        """Parameters of ``write_pair`` for one month and one run window."""
+        pair = _pair_params(windows)
+        if pair is None:  # pragma: no cover - callers pass a pair
+            raise AssertionError(f"not one month and one run: {windows}")
+
+        for kind in (BudgetWindow.MONTH.value, BudgetWindow.RUN.value):
+            reserved, spent = states[(pair["budget"], kind, pair[kind])]
+            pair[f"{kind}_reserved"] = money_param(reserved, self._dialect)
+            pair[f"{kind}_spent"] = money_param(spent, self._dialect)
+
+        return pair
+
     def _write_windows(
         self,
         cursor: Any,
         states: dict[Window, tuple[Decimal, Decimal]],
         windows: Sequence[Window],
     ) -> None:
-        pair = _pair_params(windows)
-        if pair is not None:
-            for kind in (BudgetWindow.MONTH.value, BudgetWindow.RUN.value):
-                reserved, spent = states[(pair["budget"], kind, pair[kind])]
-                pair[f"{kind}_reserved"] = money_param(reserved, self._dialect)
-                pair[f"{kind}_spent"] = money_param(spent, self._dialect)
-            cursor.execute(self._sql.write_pair, pair)
-            return
-
         rows = []
         for window in windows:
             budget, kind, window_id = window
