@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -85,6 +86,9 @@ _MAX_REASON_CHARS: Final = 2000
 
 # A paused run saves its form's schema a moment after it enters PAUSED.
 _SCHEMA_WAIT_S: Final = 10.0
+
+_PAUSE_LOCKS: dict[UUID | None, threading.Lock] = {}
+_PAUSE_LOCKS_GUARD = threading.Lock()
 
 _logger = logging.getLogger("dispatch_prefect.approval")
 
@@ -360,12 +364,13 @@ def request_approval(
     form = _prepare(request, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
 
     try:
-        answer = pause_flow_run(
-            wait_for_input=form,
-            timeout=timeout_s,
-            poll_interval=poll_interval_s,
-            key=key,
-        )
+        with _pause_lock():
+            answer = pause_flow_run(
+                wait_for_input=form,
+                timeout=timeout_s,
+                poll_interval=poll_interval_s,
+                key=key,
+            )
     except (FlowPauseTimeout, pydantic.ValidationError) as exc:
         return _without_answer(exc, request, timeout_s=timeout_s)
 
@@ -382,6 +387,9 @@ async def arequest_approval(
     """The async twin of :func:`request_approval`, for async tasks and flows."""
     form = _prepare(request, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
 
+    lock = _pause_lock()
+    while not lock.acquire(blocking=False):
+        await asyncio.sleep(0.2)
     try:
         answer = await apause_flow_run(
             wait_for_input=form,
@@ -391,6 +399,8 @@ async def arequest_approval(
         )
     except (FlowPauseTimeout, pydantic.ValidationError) as exc:
         return _without_answer(exc, request, timeout_s=timeout_s)
+    finally:
+        lock.release()
 
     return _answered(answer, request)
 
@@ -504,6 +514,21 @@ def decide(
         run_id,
         answer.approver,
     )
+
+
+def _pause_lock() -> threading.Lock:
+    """The lock that lets one task of this flow run pause at a time.
+
+    A flow run has one state: a second task that proposes PAUSED while the
+    run is already paused fails with Prefect's ``Pause`` signal ("Cannot
+    pause flows that are not currently running"). Gated tasks submitted side
+    by side in one process therefore ask one after another. One small lock
+    per flow run stays for the life of the process.
+    """
+    context = FlowRunContext.get()
+    flow_run_id = context.flow_run.id if context and context.flow_run else None
+    with _PAUSE_LOCKS_GUARD:
+        return _PAUSE_LOCKS.setdefault(flow_run_id, threading.Lock())
 
 
 def _prepare(

@@ -17,10 +17,14 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.flow_runs import resume_flow_run
 from prefect.states import Cancelling
 from ui.approval_flows import (
+    InThread,
     run_gated_flow,
     sample_request,
+    side_by_side_flow,
     unique_tool_id,
+    wait_for_any_pending,
     wait_for_pending,
+    wait_until_not_pending,
 )
 
 from dispatch_prefect.approval import (
@@ -187,6 +191,23 @@ def test_a_person_decides_from_another_thread(
     assert approval.decided_at.endswith("+00:00")
     assert "**$1.2345** at most" in pending.description
     assert pending.expires_at is not None
+
+
+@pytestmark_server
+def test_tasks_submitted_side_by_side_are_asked_one_after_another() -> None:
+    """A flow run has one state, so its pauses take turns."""
+    tool_ids = [unique_tool_id(), unique_tool_id()]
+    running = InThread(lambda: side_by_side_flow(tool_ids))
+
+    for _ in tool_ids:
+        pending = wait_for_any_pending(tool_ids)
+        tool_id = next(t for t in tool_ids if t in pending.description)
+        decide(pending.flow_run_id, approve=True, approver="Ann", reason=tool_id)
+        wait_until_not_pending(pending)
+    approvals = running.result()
+
+    assert [approval.reason for approval in approvals] == tool_ids
+    assert {approval.outcome for approval in approvals} == {ApprovalOutcome.APPROVED}
 
 
 @pytestmark_server

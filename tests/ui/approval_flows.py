@@ -96,11 +96,35 @@ def run_gated_flow(tool_id: str, timeout_s: int = 120) -> InThread:
 
 def wait_for_pending(tool_id: str, timeout_s: float = 30) -> PendingApproval:
     """The paused run whose form describes ``tool_id``, once it is saved."""
+    return wait_for_any_pending([tool_id], timeout_s)
+
+
+def wait_for_any_pending(tool_ids: list[str], timeout_s: float = 30) -> PendingApproval:
+    """The first paused run whose form describes one of ``tool_ids``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for pending in pending_approvals():
-            if tool_id in pending.description:
+            if any(tool_id in pending.description for tool_id in tool_ids):
                 return pending
         time.sleep(0.2)
 
-    raise TimeoutError(f"no approval for {tool_id} appeared within {timeout_s} s")
+    raise TimeoutError(f"no approval for {tool_ids} appeared within {timeout_s} s")
+
+
+def wait_until_not_pending(answered: PendingApproval, timeout_s: float = 30) -> None:
+    """Wait until the answered pause is gone (the run resumed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(p.pause_key != answered.pause_key for p in pending_approvals()):
+            return
+        time.sleep(0.2)
+
+    raise TimeoutError(f"pause {answered.pause_key} still waits after {timeout_s} s")
+
+
+@flow
+def side_by_side_flow(tool_ids: list[str], timeout_s: int = 120) -> list[Approval]:
+    """Gated tasks submitted together in one flow run, each asking on its own."""
+    futures = [ask_and_record.submit(tool_id, timeout_s) for tool_id in tool_ids]
+
+    return [future.result() for future in futures]
