@@ -116,3 +116,28 @@ def test_registration_makes_every_block_type_known(
     assert result.returncode == 0, result.stderr
     for block_class in BLOCK_CLASSES:
         assert block_class.get_block_type_name() in result.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "the prefect.collections entry point loads the package dispatch_prefect, "
+        "whose block classes are lazy; point it at dispatch_prefect.blocks"
+    ),
+)
+def test_prefect_finds_a_dispatch_block_by_its_slug_alone(
+    prefect_server: LocalPrefectServer,
+) -> None:
+    """``Block.load("dispatch-budget/x")`` in a process that never imported us."""
+    name = f"by-slug-{uuid.uuid4().hex[:8]}"
+    BudgetBlock(run_usd="2.50").save(name)
+    code = (
+        "from prefect.blocks.core import Block; "
+        f"block = Block.load('dispatch-budget/{name}'); "
+        "print(type(block).__name__, block.run_usd)"
+    )
+
+    result = _run(prefect_server, sys.executable, "-c", code)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["BudgetBlock", "2.50"]
