@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import time
 from decimal import Decimal
@@ -12,12 +13,23 @@ import pydantic
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-from prefect.flow_runs import resume_flow_run
+from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.states import Cancelling
 from ui.approval_flows import (
     InThread,
+    asks_twice_with_one_key,
+    async_gated_flow,
     run_gated_flow,
     sample_request,
     side_by_side_flow,
@@ -36,6 +48,7 @@ from dispatch_prefect.approval import (
     decide,
     describe_request,
     format_usd,
+    pending_approvals,
     record_approval,
     request_approval,
 )
@@ -211,6 +224,52 @@ def test_tasks_submitted_side_by_side_are_asked_one_after_another() -> None:
 
 
 @pytestmark_server
+def test_an_async_task_asks_and_records_the_same_way() -> None:
+    tool_id = unique_tool_id()
+    running = InThread(lambda: asyncio.run(async_gated_flow(tool_id)))
+
+    pending = wait_for_pending(tool_id)
+    decide(pending.flow_run_id, approve=True, approver="Ann", reason="async")
+    approval = running.result()
+
+    assert (approval.outcome, approval.author) == (ApprovalOutcome.APPROVED, "Ann")
+    assert "| Who | Ann |" in str(_only_artifact(pending.flow_run_id).data)
+
+
+@pytestmark_server
+def test_a_reused_pause_key_returns_the_answer_already_given() -> None:
+    """Prefect skips a pause whose key fired: a replay gets the same decision."""
+    tool_id = unique_tool_id()
+    running = InThread(lambda: asks_twice_with_one_key(tool_id, key="attempt-1"))
+
+    pending = wait_for_pending(tool_id)
+    decide(pending.flow_run_id, approve=True, approver="Ann", reason="once")
+    first, replay = running.result()
+
+    assert (replay.author, replay.reason, replay.outcome) == (
+        first.author,
+        first.reason,
+        first.outcome,
+    )
+
+
+@pytestmark_server
+def test_pending_approvals_leaves_out_a_pause_that_asks_for_no_approval() -> None:
+    @flow
+    def plain_pause() -> None:
+        pause_flow_run(timeout=60, poll_interval=1)
+
+    running = InThread(plain_pause)
+    plain = _wait_for_paused_run("plain-pause")
+
+    listed = {pending.flow_run_id for pending in pending_approvals()}
+    resume_flow_run(plain)
+    running.result()
+
+    assert plain not in listed
+
+
+@pytestmark_server
 def test_the_server_refuses_a_blank_answer_and_the_run_keeps_waiting() -> None:
     tool_id = unique_tool_id()
     running = run_gated_flow(tool_id)
@@ -346,3 +405,21 @@ def _wait_for_event(flow_run_id: UUID, timeout_s: float = 20) -> Any:
             time.sleep(0.3)
 
     raise AssertionError(f"no approval event for flow run {flow_run_id}")
+
+
+def _wait_for_paused_run(flow_name: str, timeout_s: float = 30) -> UUID:
+    paused = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+    )
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                flow_run_filter=paused,
+            )
+            if runs:
+                return runs[0].id
+            time.sleep(0.2)
+
+    raise AssertionError(f"no paused run of {flow_name} within {timeout_s} s")

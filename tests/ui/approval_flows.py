@@ -15,6 +15,8 @@ from prefect import flow, task
 from dispatch_prefect.approval import (
     ApprovalRequest,
     PendingApproval,
+    arecord_approval,
+    arequest_approval,
     pending_approvals,
     record_approval,
     request_approval,
@@ -128,3 +130,28 @@ def side_by_side_flow(tool_ids: list[str], timeout_s: int = 120) -> list[Approva
     futures = [ask_and_record.submit(tool_id, timeout_s) for tool_id in tool_ids]
 
     return [future.result() for future in futures]
+
+
+@task
+async def ask_and_record_async(tool_id: str, timeout_s: int) -> Approval:
+    request = sample_request(tool_id)
+    approval = await arequest_approval(request, timeout_s=timeout_s, poll_interval_s=1)
+    await arecord_approval(approval, request)
+
+    return approval
+
+
+@flow
+async def async_gated_flow(tool_id: str, timeout_s: int = 120) -> Approval:
+    return await ask_and_record_async(tool_id, timeout_s)
+
+
+@flow
+def asks_twice_with_one_key(tool_id: str, key: str) -> list[Approval]:
+    """The second ask reuses the pause key, as a replay of one attempt would."""
+    request = sample_request(tool_id)
+
+    return [
+        request_approval(request, timeout_s=120, key=key, poll_interval_s=1)
+        for _ in range(2)
+    ]
