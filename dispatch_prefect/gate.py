@@ -550,7 +550,7 @@ def _admit(spec: GateSpec, task_name: str) -> Plan:
         report.emit_refusal(spec, backend, bound_usd, decision.reason, flow_run_id)
         logger_.warning("refused %s: %s", spec.tool_id, decision.reason)
         raise BudgetExceeded(
-            f"refused {spec.tool_id} on {backend.name}: {decision.reason}",
+            f"{spec.tool_id} on {backend.name} refused: {decision.reason}",
             decision=decision,
         )
 

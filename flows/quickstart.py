@@ -17,6 +17,7 @@ the Cloud Run L4 pool, and the output says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -47,11 +48,13 @@ def cofold(sequence: str) -> dict[str, Any]:
     return {"sequence": sequence, "residues": len(sequence)}
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    keep = "--keep" in argv
     home = Path(tempfile.mkdtemp(prefix="dispatch-prefect-demo-"))
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The story is told in plain lines; Prefect's own logs stay in the UI.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
 
     from dispatch_prefect.testing import local_prefect_server
 
@@ -59,7 +62,14 @@ def main() -> int:
     say(f"  starting a temporary Prefect server (PREFECT_HOME={home}) ...")
     with local_prefect_server(home=home, ui=True) as server:
         os.environ["PREFECT_API_URL"] = server.api_url
-        return run_story(server)
+        status = run_story(server)
+        if keep and status == 0:
+            say(f"   serving {server.ui_url} until you press Ctrl-C")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+
+        return status
 
 
 def run_story(server: Any) -> int:
@@ -68,14 +78,19 @@ def run_story(server: Any) -> int:
     from prefect.client.schemas.actions import WorkPoolCreate
 
     from dispatch_prefect import gated_task
-    from dispatch_prefect.blocks import BackendBlock, BudgetBlock, apply_folder
+    from dispatch_prefect.blocks import (
+        BackendBlock,
+        BudgetBlock,
+        apply_block_documents,
+        read_block_documents,
+    )
     from dispatch_prefect.ledger import BudgetExceeded, Ledger
     from dispatch_prefect.submit import deploy_executor
     from dispatch_prefect.testing import prefect_worker
 
     say(f"  server ready at {server.ui_url}")
     say("  applying the team's block documents from blocks/ ...")
-    apply_folder(REPO / "blocks")
+    apply_block_documents(read_block_documents(REPO / "blocks"))
     # Paid work is off until someone sets a budget: start from the $0 default.
     BudgetBlock().save("default", overwrite=True)
     # Offline, a local process pool stands in for the Cloud Run L4 pool.
@@ -116,7 +131,7 @@ def run_story(server: Any) -> int:
     try:
         fold_flow()
     except BudgetExceeded as exc:
-        say(f"   refused: {exc}")
+        say(f"   {exc}")
     else:
         say("   NOT refused: the $0 default cap did not hold")
         return 1
@@ -144,7 +159,7 @@ def run_story(server: Any) -> int:
     say()
     say("5. the spend, reconciled from the child run's real start and end")
     ledger = Ledger.open(None)
-    for row in ledger.reservations("default"):
+    for row in reversed(ledger.reservations("default")):
         if row.actual_usd is None:
             continue
         say(
@@ -162,7 +177,11 @@ def run_story(server: Any) -> int:
     say(f"   Prefect UI: {server.ui_url}/runs (flow runs, their artifacts)")
     say("   artifacts: 'dispatch-run-spend-default' and 'dispatch-month-default'")
     say("   spend from the shell: dispatch-prefect spend")
-    say("   the demo's server stops now; point PREFECT_API_URL at yours to use it")
+    say(f"   the ledger: {ledger.url}")
+    say(
+        "   the server stops with the demo; `python flows/quickstart.py --keep` "
+        "keeps it up to browse"
+    )
 
     return 0
 
@@ -211,4 +230,4 @@ def operator_approves(server: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
