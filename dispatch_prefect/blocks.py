@@ -60,6 +60,7 @@ from dispatch_prefect.policy import (
     TokenRates,
     ToolRequirements,
 )
+from dispatch_prefect.policy.egress import https_url_problem
 
 if TYPE_CHECKING:
     from dispatch_prefect.ledger import Ledger
@@ -457,9 +458,9 @@ def _require_all_or_none(block: Block, names: tuple[str, ...], group: str) -> No
 
 
 def _require_https(field_name: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ValueError(f"{field_name} {url!r} must be an https:// URL with a host")
+    problem = https_url_problem(url)
+    if problem is not None:
+        raise ValueError(f"{field_name} {problem}")
 
 
 class SecretSource(enum.StrEnum):
@@ -677,12 +678,18 @@ class BackendBlock(_DispatchBlock):
     images: list[str] | None = Field(
         default=None,
         title="Images",
-        description=("The container images the backend runs; empty means any image."),
+        description=(
+            "The container images the backend runs; not set means any image, "
+            "a list limits jobs that pin an image to those listed."
+        ),
     )
     tool_ids: list[str] | None = Field(
         default=None,
         title="Tools",
-        description="The tools the backend offers; empty means any tool.",
+        description=(
+            "The tools the backend offers; not set means any tool, a list "
+            "limits jobs without a pinned image to those listed."
+        ),
     )
     rates: RatesBlock | None = Field(
         default=None,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import BlockDocumentUpdate
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from dispatch_prefect.blocks import (
     APPLY_COMMAND,
@@ -33,7 +36,48 @@ from dispatch_prefect.blocks import (
 )
 from dispatch_prefect.policy import SecretMissingError
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = pytest.mark.usefixtures("prefect_server", "saved_blocks_removed")
+
+# Referring documents first, so nothing is deleted while still pointed at.
+_CLEANUP_ORDER = (BackendBlock, SecretRefBlock, RatesBlock, BudgetBlock, LedgerBlock)
+
+
+def _dispatch_document_ids() -> dict[str, list[uuid.UUID]]:
+    ids: dict[str, list[uuid.UUID]] = {}
+    with get_client(sync_client=True) as client:
+        for block_class in _CLEANUP_ORDER:
+            slug = block_class.get_block_type_slug()
+            try:
+                documents = client.read_block_documents_by_type(
+                    slug, offset=0, limit=200, include_secrets=False
+                )
+            except PrefectHTTPStatusError as exc:
+                if exc.response.status_code != 404:
+                    raise
+                documents = []  # the type is not registered yet
+            ids[slug] = [document.id for document in documents]
+
+    return ids
+
+
+@pytest.fixture
+def saved_blocks_removed(prefect_server: object) -> Iterator[None]:
+    """Delete the Dispatch documents a test saved.
+
+    The server is shared by the session and the gate routes over every saved
+    backend, so a backend left behind here would steer other tests.
+    """
+    before = _dispatch_document_ids()
+
+    yield
+
+    after = _dispatch_document_ids()
+    with get_client(sync_client=True) as client:
+        for slug, ids in after.items():
+            for document_id in ids:
+                if document_id not in before.get(slug, []):
+                    with contextlib.suppress(ObjectNotFound):
+                        client.delete_block_document(document_id)
 
 
 def _unique(prefix: str) -> str:

@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+from test_blocks_server import saved_blocks_removed  # noqa: F401  (a fixture)
 
 from dispatch_prefect.blocks import BackendBlock, BudgetBlock, RatesBlock, load_block
 from dispatch_prefect.policy import BackendKind
 from dispatch_prefect.testing import LocalPrefectServer
 
-pytestmark = pytest.mark.browser
+# The session server is shared: what these tests save is deleted after each.
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("saved_blocks_removed")]
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -9,9 +9,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from test_blocks_server import saved_blocks_removed  # noqa: F401  (a fixture)
 
 from dispatch_prefect.blocks import BLOCK_CLASSES, BudgetBlock, find_saved_block
 from dispatch_prefect.testing import LocalPrefectServer
+
+# The session server is shared: what these tests save is deleted after each.
+pytestmark = pytest.mark.usefixtures("saved_blocks_removed")
 
 REPO_BLOCKS = Path(__file__).resolve().parent.parent / "blocks"
 BIN = Path(sys.executable).parent
