@@ -191,3 +191,19 @@ def test_log_egress_does_not_need_the_key(
         log_egress(gemini(), detail="summarize")
 
     assert len(_records(caplog)) == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:sk-live-123@api.example.com",
+        "https://api.example.com/v1?key=sk-live-123",
+        "https://api.example.com/v1#sk-live-123",
+    ],
+)
+def test_a_key_in_the_base_url_is_refused_without_repeating_it(url: str) -> None:
+    with pytest.raises(ValueError, match="secret reference") as caught:
+        ExternalEndpoint("api", url, SecretRef("API_KEY"))
+
+    assert "sk-live-123" not in str(caught.value)
+    assert "https://api.example.com" in str(caught.value)

@@ -18,6 +18,7 @@ __all__ = [
     "ExternalEndpoint",
     "SecretMissingError",
     "SecretRef",
+    "https_url_problem",
     "log_egress",
     "log_egress_to",
 ]
@@ -69,12 +70,9 @@ class ExternalEndpoint:
         if not self.name:
             raise ValueError("ExternalEndpoint.name must not be empty")
 
-        parts = urlsplit(self.base_url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise ValueError(
-                f"endpoint {self.name!r} base_url {self.base_url!r} must be an "
-                "https:// URL with a host; keys are never sent in clear text"
-            )
+        problem = https_url_problem(self.base_url)
+        if problem is not None:
+            raise ValueError(f"endpoint {self.name!r} base_url {problem}")
 
     def host(self) -> str:
         """The host name the endpoint's calls go to."""
@@ -90,6 +88,27 @@ class ExternalEndpoint:
             SecretMissingError: the key is unset or empty.
         """
         return f"Bearer {self.secret.resolve(env)}"
+
+
+def https_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an API's base URL, or None when it can.
+
+    Only ``https://`` with a host; no user, password, query or fragment,
+    where a key could hide. The reason shows the scheme and host only, so a
+    key pasted into the URL never reaches an error message.
+    """
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.hostname or ''}"
+    if parts.scheme != "https" or not parts.hostname:
+        return f"{shown}... must be an https:// URL with a host"
+
+    if parts.username or parts.password or parts.query or parts.fragment:
+        return (
+            f"{shown}... must not carry a user, password, query or fragment; "
+            "keys belong in a secret reference"
+        )
+
+    return None
 
 
 def log_egress(endpoint: ExternalEndpoint, *, detail: str = "") -> None:
