@@ -603,9 +603,26 @@ class SecretRefBlock(_DispatchBlock):
     def _read_gcp_secret(self) -> str | None:
         try:
             credentials = self.gcp_credentials or GcpCredentials()
-            project = self.gcp_project or credentials.project
+        except Exception as exc:
+            # Without a credentials block prefect-gcp looks for application
+            # default credentials, and raises when the machine has none.
+            raise SecretMissingError(
+                f"{self.describe()} needs GCP credentials "
+                f"({exc.__class__.__name__}); set gcp_credentials on the "
+                "block or give the machine application default credentials "
+                "(the call was refused)"
+            ) from exc
+
+        project = self.gcp_project or credentials.project
+        if not project:
+            raise SecretMissingError(
+                f"{self.describe()} names no GCP project; set gcp_project or "
+                "the project of its credentials (the call was refused)"
+            )
+
+        path = f"projects/{project}/secrets/{self.name}/versions/{self.gcp_version}"
+        try:
             client = credentials.get_secret_manager_client()
-            path = f"projects/{project}/secrets/{self.name}/versions/{self.gcp_version}"
             response = client.access_secret_version(
                 name=path,
                 timeout=self.gcp_timeout_s,
@@ -616,7 +633,7 @@ class SecretRefBlock(_DispatchBlock):
             # The Google error says what went wrong (no permission, no
             # network, no such secret); none carries the secret's value.
             raise SecretMissingError(
-                f"{self.describe()} could not be read "
+                f"{self.describe()} could not be read from project {project} "
                 f"({exc.__class__.__name__}); check that it exists and that "
                 "the credentials may access it (the call was refused)"
             ) from exc

@@ -297,6 +297,16 @@ def test_unreadable_gcp_secret_fails_closed_naming_the_reference() -> None:
     assert "PRIVATE KEY" not in str(exc.value)
 
 
+def test_gcp_secret_without_any_credentials_fails_closed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "none.json"))
+    reference = SecretRefBlock(source="gcp_secret_manager", name="gemini-api-key")
+
+    with pytest.raises(SecretMissingError, match="needs GCP credentials"):
+        reference.resolve()
+
+
 # -- backends ---------------------------------------------------------------
 
 
