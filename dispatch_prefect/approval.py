@@ -351,14 +351,13 @@ def request_approval(
         RuntimeError: not inside a flow run, or called from async code (use
             :func:`arequest_approval` there).
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError(
-            "request_approval() blocks; inside async code await "
-            "arequest_approval() instead"
+    _refuse_running_loop("request_approval")
+
+    if _prefect_dispatches_async():
+        return asyncio.run(
+            arequest_approval(
+                request, timeout_s=timeout_s, key=key, poll_interval_s=poll_interval_s
+            )
         )
 
     form = _prepare(request, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
@@ -424,6 +423,11 @@ def record_approval(approval: Approval, request: ApprovalRequest) -> None:
     Raises:
         RuntimeError: not inside a flow run.
     """
+    _refuse_running_loop("record_approval")
+    if _prefect_dispatches_async():
+        asyncio.run(arecord_approval(approval, request))
+        return
+
     flow_run = _current_flow_run()
     create_markdown_artifact(
         markdown=_audit_markdown(approval, request),
@@ -514,6 +518,31 @@ def decide(
         run_id,
         answer.approver,
     )
+
+
+def _refuse_running_loop(name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+
+    raise RuntimeError(f"{name}() blocks; inside async code await a{name}() instead")
+
+
+def _prefect_dispatches_async() -> bool:
+    """True inside an async task or flow, even on a worker thread of one.
+
+    There Prefect's own sync-looking calls (``pause_flow_run``, the form's
+    ``save``/``load``, ``create_markdown_artifact``) return coroutines, so
+    the blocking API runs its async twin on a loop of its own instead.
+    """
+    task_run = TaskRunContext.get()
+    if task_run is not None:
+        return task_run.task.isasync
+
+    flow_run = FlowRunContext.get()
+
+    return flow_run is not None and flow_run.flow is not None and flow_run.flow.isasync
 
 
 def _pause_lock() -> threading.Lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import time
+from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -29,6 +30,7 @@ from prefect.states import Cancelling
 from ui.approval_flows import (
     InThread,
     asks_twice_with_one_key,
+    async_flow_asking_from_a_thread,
     async_gated_flow,
     run_gated_flow,
     sample_request,
@@ -224,16 +226,24 @@ def test_tasks_submitted_side_by_side_are_asked_one_after_another() -> None:
 
 
 @pytestmark_server
-def test_an_async_task_asks_and_records_the_same_way() -> None:
+@pytest.mark.parametrize(
+    "async_flow",
+    [async_gated_flow, async_flow_asking_from_a_thread],
+    ids=["async-api", "blocking-api-on-a-worker-thread"],
+)
+def test_an_async_task_asks_and_records_the_same_way(
+    async_flow: Callable[[str], Coroutine[Any, Any, Approval]],
+) -> None:
+    """On a worker thread of an async task Prefect's sync calls turn async."""
     tool_id = unique_tool_id()
-    running = InThread(lambda: asyncio.run(async_gated_flow(tool_id)))
+    running = InThread(lambda: asyncio.run(async_flow(tool_id)))
 
     pending = wait_for_pending(tool_id)
     decide(pending.flow_run_id, approve=True, approver="Ann", reason="async")
     approval = running.result()
 
-    assert (approval.outcome, approval.author) == (ApprovalOutcome.APPROVED, "Ann")
-    assert "| Who | Ann |" in str(_only_artifact(pending.flow_run_id).data)
+    assert (approval.outcome, approval.reason) == (ApprovalOutcome.APPROVED, "async")
+    assert "| Why | async |" in str(_only_artifact(pending.flow_run_id).data)
 
 
 @pytestmark_server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import uuid4
 
+import anyio
 from prefect import flow, task
 
 from dispatch_prefect.approval import (
@@ -155,3 +157,16 @@ def asks_twice_with_one_key(tool_id: str, key: str) -> list[Approval]:
         request_approval(request, timeout_s=120, key=key, poll_interval_s=1)
         for _ in range(2)
     ]
+
+
+@flow
+async def async_flow_asking_from_a_thread(tool_id: str) -> Approval:
+    """An async task asks through the blocking API on a worker thread."""
+
+    @task
+    async def gated() -> Approval:
+        ask = functools.partial(ask_and_record.fn, tool_id, 120)
+
+        return await anyio.to_thread.run_sync(ask)
+
+    return await gated()
