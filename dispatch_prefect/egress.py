@@ -61,7 +61,9 @@ def sdk_client(
             a private CA); never off in production.
 
     Raises:
-        EgressRefused: the call was not routed to an SDK backend.
+        EgressRefused: the call was not routed to an SDK backend; or, from
+            a request, the request (or a redirect) leaves the backend's
+            origin, which would hand the key to another server.
         SecretMissingError: the backend's key is absent or empty.
     """
     plan, _ = current_call()
@@ -81,8 +83,21 @@ def sdk_client(
     key = backend.secret.resolve()
     value = f"Bearer {key}" if auth_header.lower() == "authorization" else key
     host = urlsplit(backend.base_url).hostname or backend.base_url
+    origin = httpx.URL(backend.base_url)
+    allowed = (origin.scheme, origin.host, origin.port)
 
     def audit(request: httpx.Request) -> None:
+        # The key rides on every request this client sends, so an absolute
+        # URL or a redirect elsewhere would hand it to another server.
+        url = request.url
+        if (url.scheme, url.host, url.port) != allowed:
+            raise EgressRefused(
+                f"{plan.spec.tool_id} may only reach {backend.name} at "
+                f"{origin.scheme}://{origin.netloc.decode()}, not "
+                f"{url.scheme}://{url.netloc.decode()}; the key is not sent "
+                "anywhere else"
+            )
+
         log_egress_to(
             backend.name,
             host,
