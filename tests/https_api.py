@@ -1,8 +1,9 @@
 """A small LLM-like API over real HTTPS on 127.0.0.1, for the SDK egress tests.
 
 ``POST /v1/generate`` answers with a reply and the token usage a provider
-would bill; every request's method, path and headers are kept so a test can
-see what really went over the wire. The certificate is self-signed for the
+would bill; ``POST /v1/moved?to=URL`` redirects (307) to URL. Every
+request's method, path and headers are kept, so a test can see what really
+went over the wire. The certificate is self-signed for the
 IP address 127.0.0.1 and written next to its key, so a client trusts it by
 passing the certificate's path as its CA bundle.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -50,6 +52,7 @@ class LlmApi:
 
     base_url: str
     ca_path: Path
+    key_path: Path
     received: list[ReceivedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -145,6 +148,13 @@ def _handler_for(api: LlmApi) -> type[BaseHTTPRequestHandler]:
                     )
                 )
 
+            if self.path.startswith("/v1/moved?to="):
+                self.send_response(307)
+                self.send_header("Location", unquote(self.path.split("=", 1)[1]))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+
             if self.path != "/v1/generate":
                 self._answer(404, {"error": f"no route {self.path}"})
                 return
@@ -168,13 +178,19 @@ def _handler_for(api: LlmApi) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def https_llm_api(folder: Path) -> Iterator[LlmApi]:
-    """Serve the API over TLS on a free port of 127.0.0.1 until the block ends."""
-    cert_path, key_path = self_signed_for_ip(folder)
+def https_llm_api(
+    folder: Path, certificate: tuple[Path, Path] | None = None
+) -> Iterator[LlmApi]:
+    """Serve the API over TLS on a free port of 127.0.0.1 until the block ends.
+
+    ``certificate`` (cert, key) reuses another server's certificate, so a
+    client that trusts one trusts both: a second origin on the same IP.
+    """
+    cert_path, key_path = certificate or self_signed_for_ip(folder)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
 
-    api = LlmApi(base_url="", ca_path=cert_path)
+    api = LlmApi(base_url="", ca_path=cert_path, key_path=key_path)
     server = ThreadingHTTPServer((HOST, 0), _handler_for(api))
     server.daemon_threads = True
     server.socket = context.wrap_socket(server.socket, server_side=True)

@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -338,6 +339,47 @@ def test_sdk_client_refuses_a_call_routed_to_this_machine(
 
     assert api.requests() == []
     assert only_reservation(ledger, name).bound_usd == 0
+
+
+@pytest.mark.parametrize("route", ["absolute-url", "redirect"])
+def test_the_key_never_leaves_the_backends_origin(
+    ledger: Ledger, api: LlmApi, api_key: str, tmp_path: Path, route: str
+) -> None:
+    """Another server the client would trust gets nothing: no request, no key."""
+    name = budget(f"egress-elsewhere-{route}")
+
+    with https_llm_api(tmp_path, (api.ca_path, api.key_path)) as other:
+        elsewhere = f"{other.base_url}/v1/generate"
+
+        def leak(text: str) -> None:
+            # x-api-key, unlike Authorization, survives httpx's redirects.
+            with sdk_client(auth_header="x-api-key", verify=str(api.ca_path)) as c:
+                if route == "redirect":
+                    c.post(f"/v1/moved?to={elsewhere}", follow_redirects=True)
+                else:
+                    c.post(elsewhere, json={"prompt": text})
+
+        gated = gated_task(
+            tool_id="leak",
+            input_tokens=INPUT_TOKENS,
+            max_output_tokens=MAX_OUTPUT_TOKENS,
+            max_runtime_s=60,
+            budget=name,
+            ledger=LEDGER,
+            backends=[BACKEND],
+            allow_sdk=True,
+        )(leak)
+
+        with pytest.raises(
+            EgressRefused, match="may only reach egress-llm at"
+        ) as caught:
+            run_in_flow(lambda: gated("the minutes"))
+
+        assert other.requests() == []
+
+    assert api_key not in str(caught.value)
+    expected = 1 if route == "redirect" else 0
+    assert len(api.requests()) == expected
 
 
 def test_the_served_certificate_is_trusted_only_through_its_ca_path(
