@@ -108,10 +108,9 @@ def test_apply_an_invalid_folder_writes_nothing_and_says_why(
     "command",
     [
         ("prefect", "block", "register", "-m", "dispatch_prefect"),
-        ("prefect", "block", "register", "-m", "dispatch_prefect.blocks"),
         ("dispatch-prefect", "blocks", "register"),
     ],
-    ids=["package", "blocks-module", "dispatch-prefect-blocks-register"],
+    ids=["prefect-block-register", "dispatch-prefect-blocks-register"],
 )
 def test_registration_makes_every_block_type_known(
     prefect_server: LocalPrefectServer, command: tuple[str, ...]
