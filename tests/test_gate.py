@@ -526,3 +526,23 @@ def test_sweep_charges_the_full_bound_when_the_truth_is_lost(
     ]
 
     assert swept[0].actual_usd == Decimal("0.42") and swept[0].unverified
+
+
+def test_an_unknown_budget_block_is_refused_with_the_command_that_creates_it(
+    ledger: Ledger,
+) -> None:
+    from dispatch_prefect.blocks import BlockNotFound
+
+    tokenize = gated_task(
+        tool_id="tokenize",
+        max_runtime_s=30,
+        budget="no-such-budget",
+        ledger=LEDGER,
+        backends=["local"],
+    )(gated_jobs.count_attempt)
+
+    with pytest.raises(BlockNotFound, match="no-such-budget") as caught:
+        run_in_flow(lambda: tokenize("unused"))
+
+    assert "dispatch-prefect blocks apply" in str(caught.value)
+    assert ledger.reservations("no-such-budget") == []
