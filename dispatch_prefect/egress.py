@@ -57,8 +57,8 @@ def sdk_client(
             sends ``Bearer <key>``, any other name sends the key as is
             (``x-api-key``, ``x-goog-api-key``).
         timeout_s: per-request timeout.
-        verify: TLS verification, as httpx takes it (a CA bundle's path for
-            a private CA); never off in production.
+        verify: TLS verification: True, an ``ssl.SSLContext``, or the path
+            of a CA bundle file for a private CA; never off in production.
 
     Raises:
         EgressRefused: the call was not routed to an SDK backend; or, from
@@ -103,6 +103,11 @@ def sdk_client(
             host,
             detail=f"{plan.spec.tool_id}: {request.method} {request.url.path}",
         )
+
+    if isinstance(verify, str):
+        # httpx deprecates a path here and warns on every client; it takes
+        # the context the path stands for.
+        verify = ssl.create_default_context(cafile=verify)
 
     return httpx.Client(
         base_url=backend.base_url,
