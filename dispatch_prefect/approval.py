@@ -49,7 +49,12 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout, NotPausedError
-from prefect.flow_runs import apause_flow_run, pause_flow_run, resume_flow_run
+from prefect.flow_runs import (
+    apause_flow_run,
+    aresume_flow_run,
+    pause_flow_run,
+    resume_flow_run,
+)
 from prefect.input import RunInput
 from prefect.logging import get_run_logger
 
@@ -329,9 +334,16 @@ def request_approval(
 ) -> Approval:
     """Pause the current flow run until a person approves or rejects the job.
 
-    Call it from inside a running (sync) task or flow. The flow run turns
-    PAUSED and the Prefect UI offers the :class:`ApprovalInput` form under
-    the run's "Resume" action; :func:`decide` answers the same form.
+    Call it from inside a running task or flow (a sync one, or a worker
+    thread of an async one). The flow run turns PAUSED and the Prefect UI
+    offers the :class:`ApprovalInput` form under the run's "Resume" action;
+    :func:`decide` answers the same form. A flow run has one state, so tasks
+    of one run that ask at the same time in this process ask one after
+    another.
+
+    Prefect 3.9.1's wait only watches for the run to resume: a run cancelled
+    while it waits in this process is seen as cancelled when ``timeout_s``
+    runs out (a run served by a worker is stopped by the worker at once).
 
     Args:
         request: the job and both budget windows, shown in the form.
@@ -348,8 +360,8 @@ def request_approval(
 
     Raises:
         ValueError: ``timeout_s`` or ``poll_interval_s`` is not positive.
-        RuntimeError: not inside a flow run, or called from async code (use
-            :func:`arequest_approval` there).
+        RuntimeError: not inside a flow run, or called on a running event
+            loop (await :func:`arequest_approval` there).
     """
     _refuse_running_loop("request_approval")
 
@@ -489,6 +501,7 @@ def decide(
     Raises:
         ValueError: ``approver`` or ``reason`` is empty or blank (checked
             before anything is sent), or ``flow_run_id`` is not a UUID.
+        RuntimeError: called on a running event loop.
         ApprovalNotPending: the run is not waiting for an approval (never
             was, already answered, timed out or cancelled).
     """
@@ -502,10 +515,15 @@ def decide(
             "and why"
         ) from exc
 
+    _refuse_running_loop("decide", instead="call it on a worker thread")
     run_id = UUID(str(flow_run_id))
     _wait_for_form(run_id)
+    run_input = answer.model_dump(mode="json")
     try:
-        resume_flow_run(run_id, run_input=answer.model_dump(mode="json"))
+        if _prefect_dispatches_async():
+            asyncio.run(aresume_flow_run(run_id, run_input=run_input))
+        else:
+            resume_flow_run(run_id, run_input=run_input)
     except (NotPausedError, FlowPauseTimeout) as exc:
         raise ApprovalNotPending(
             f"flow run {run_id} can no longer take an approval ({exc}); list "
@@ -520,13 +538,14 @@ def decide(
     )
 
 
-def _refuse_running_loop(name: str) -> None:
+def _refuse_running_loop(name: str, *, instead: str | None = None) -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return
 
-    raise RuntimeError(f"{name}() blocks; inside async code await a{name}() instead")
+    fix = instead or f"await a{name}() instead"
+    raise RuntimeError(f"{name}() blocks and cannot run on an event loop; {fix}")
 
 
 def _prefect_dispatches_async() -> bool:

@@ -166,6 +166,16 @@ def test_decide_refuses_a_blank_answer_before_sending_anything(
         decide(UUID(int=1), approve=True, approver=approver, reason=reason)
 
 
+def test_the_blocking_api_refuses_to_block_an_event_loop() -> None:
+    request = sample_request("cofold-x")
+
+    async def on_the_loop() -> None:
+        request_approval(request, timeout_s=5)
+
+    with pytest.raises(RuntimeError, match="await arequest_approval"):
+        asyncio.run(on_the_loop())
+
+
 def test_request_approval_outside_a_flow_run_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="context"):
         request_approval(sample_request("cofold-x"), timeout_s=5)
