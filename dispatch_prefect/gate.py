@@ -611,6 +611,7 @@ def _decide(plan: Plan) -> Approval:
         month_state=plan.month_state,
         month_cap_usd=plan.cap.month_usd,
         month_label=_month_label(plan.time_zone),
+        limits=_declared_limits(plan),
     )
     approval = approvals.auto_approve(
         request, threshold_usd=plan.auto_approve_below_usd
@@ -638,6 +639,23 @@ def _decide(plan: Plan) -> Approval:
         raise approvals.ApprovalRejected(approval, request)
 
     return approval
+
+
+def _declared_limits(plan: Plan) -> tuple[tuple[str, str], ...]:
+    """What the call declared and the bound rests on, for the approver."""
+    spec = plan.spec
+    vcpus, memory_gib = plan.backend.billed_shape(spec)
+    limits = [("Max runtime", f"{spec.max_runtime_s} s (the job's timeout)")]
+    if plan.backend.kind is BackendKind.SDK:
+        limits.append(("Input tokens", str(spec.input_tokens)))
+        limits.append(("Max output tokens", str(spec.max_output_tokens)))
+    else:
+        limits.append(("vCPUs", str(vcpus)))
+        limits.append(("Memory", f"{memory_gib} GiB"))
+        if spec.min_vram_gb is not None:
+            limits.append(("GPU memory", f"{spec.min_vram_gb:g} GB"))
+
+    return tuple(limits)
 
 
 def _month_label(time_zone: str) -> str:
