@@ -122,13 +122,6 @@ def test_registration_makes_every_block_type_known(
         assert block_class.get_block_type_name() in result.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the prefect.collections entry point loads the package dispatch_prefect, "
-        "whose block classes are lazy; point it at dispatch_prefect.blocks"
-    ),
-)
 def test_prefect_finds_a_dispatch_block_by_its_slug_alone(
     prefect_server: LocalPrefectServer,
 ) -> None:
