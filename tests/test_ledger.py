@@ -26,7 +26,12 @@ from dispatch_prefect.ledger import (
     ReservationStatus,
     UnknownReservation,
 )
-from dispatch_prefect.policy import BudgetCap, BudgetState, BudgetWindow
+from dispatch_prefect.policy import (
+    AdmissionDecision,
+    BudgetCap,
+    BudgetState,
+    BudgetWindow,
+)
 
 CAP = BudgetCap(run_usd=Decimal("1.00"), month_usd=Decimal("10.00"))
 BUDGET = "team"
@@ -408,12 +413,14 @@ def test_other_bad_arguments_name_the_value_and_the_fix(ledger: Ledger) -> None:
 
 
 def test_a_refusal_keeps_its_decision_across_processes() -> None:
-    decision = BudgetCap()  # any picklable payload stands in for the decision
-    refused = BudgetExceeded("no room", decision)  # type: ignore[arg-type]
+    decision = AdmissionDecision(
+        admitted=False, refused_window=BudgetWindow.RUN, reason="no room"
+    )
+    refused = BudgetExceeded("budget 'team' has no room", decision)
 
     copied = pickle.loads(pickle.dumps(refused))
 
-    assert str(copied) == "no room"
+    assert str(copied) == "budget 'team' has no room"
     assert copied.decision == decision
 
 
