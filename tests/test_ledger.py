@@ -455,10 +455,15 @@ def test_sqlite_runs_in_wal_mode_with_full_synchronous_commits(
 def test_the_default_ledger_lives_under_prefect_home(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.delenv("DISPATCH_PREFECT_LEDGER_URL", raising=False)
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    from prefect.settings import PREFECT_HOME, temporary_settings
 
-    with Ledger.open() as ledger:
+    monkeypatch.delenv("DISPATCH_PREFECT_LEDGER_URL", raising=False)
+    # Prefect's settings, not the raw environment: they may be loaded already
+    # and a profile may set the home too.
+    with (
+        temporary_settings(updates={PREFECT_HOME: tmp_path / "home"}),
+        Ledger.open() as ledger,
+    ):
         reserve(ledger, "0.10")
 
     assert (tmp_path / "home" / "dispatch_prefect" / "ledger.db").is_file()
