@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -50,7 +51,11 @@ class GateConfig:
     ledger: Ledger
 
 
-_cache: dict[tuple[object, ...], GateConfig] = {}
+#: Flow runs whose configuration is kept; a long-lived process (a worker)
+#: forgets the oldest beyond this.
+CACHED_RUNS = 256
+
+_cache: OrderedDict[tuple[object, ...], GateConfig] = OrderedDict()
 _ledgers: dict[str, Ledger] = {}
 _lock = threading.Lock()
 
@@ -71,6 +76,8 @@ def load_gate_config(spec: GateSpec, flow_run_id: UUID) -> GateConfig:
     config = _load(spec, flow_run_id)
     with _lock:
         _cache[cache_key] = config
+        while len(_cache) > CACHED_RUNS:
+            _cache.popitem(last=False)
 
     return config
 

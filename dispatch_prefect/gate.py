@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
-from uuid import UUID
 
 import anyio.to_thread
 from prefect import Task, task
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect.context import TaskRunContext
 
 from dispatch_prefect.policy import (
     Approval,
@@ -672,12 +671,3 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return get_run_logger()
     except Exception:
         return logger
-
-
-def flow_run_id_of_context() -> UUID | None:
-    """The flow run the current code runs in, if any."""
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return None
-
-    return ctx.flow_run.id

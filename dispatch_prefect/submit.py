@@ -15,12 +15,12 @@ the child run whose real start and end times the hooks reconcile from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import logging
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -121,8 +121,6 @@ async def submit_async(
     kwargs: dict[str, Any],
 ) -> Any:
     """Run an async gated function where the plan says."""
-    from dispatch_prefect.hooks import record_inline_runtime, settle
-
     if plan.backend.work_pool is not None:
         import anyio.to_thread
 
@@ -130,30 +128,29 @@ async def submit_async(
             lambda: _run_on_pool(plan, function, target, args, kwargs)
         )
 
-    task_run_id = UUID(plan.key.task_run_id)
-    started = time.monotonic()
-    try:
-        with timeout_async(plan.spec.max_runtime_s):
-            return await function(*args, **kwargs)
-    except BaseException:
-        record_inline_runtime(task_run_id, _elapsed(started))
-        settle(task_run_id)
-        raise
-    finally:
-        record_inline_runtime(task_run_id, _elapsed(started))
+    with _measured(plan), timeout_async(plan.spec.max_runtime_s):
+        return await function(*args, **kwargs)
 
 
 def _run_inline(plan: Plan, call: Callable[[], Any]) -> Any:
+    with _measured(plan), timeout(plan.spec.max_runtime_s):
+        return call()
+
+
+@contextlib.contextmanager
+def _measured(plan: Plan) -> Iterator[None]:
+    """Time an inline attempt; settle it at once if it fails.
+
+    A failed attempt is settled here: a retry reserves afresh, and the
+    failure hook only runs after the last attempt.
+    """
     from dispatch_prefect.hooks import record_inline_runtime, settle
 
     task_run_id = UUID(plan.key.task_run_id)
     started = time.monotonic()
     try:
-        with timeout(plan.spec.max_runtime_s):
-            return call()
+        yield
     except BaseException:
-        # A failed attempt is settled now: a retry reserves afresh, and the
-        # failure hook only runs after the last attempt.
         record_inline_runtime(task_run_id, _elapsed(started))
         settle(task_run_id)
         raise
@@ -325,8 +322,6 @@ def deploy_executor(
     ``dispatch_prefect`` package with no code download; the worker's
     environment must also import the modules that define gated functions.
     """
-    from prefect.client.schemas.actions import DeploymentCreate  # noqa: F401
-
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow_from_name(EXECUTOR_FLOW_NAME)
         deployment_id: UUID = client.create_deployment(
@@ -344,8 +339,3 @@ def deploy_executor(
         )
 
     return deployment_id
-
-
-def utc_now() -> datetime:
-    """Now, in UTC."""
-    return datetime.now(UTC)
