@@ -130,6 +130,22 @@ def approve_when_asked(
     return thread
 
 
+def gpu_task(budget_name: str, **options: Any) -> Any:
+    """The GPU job the tests gate: 24 GB, 10 minutes, 4 vCPU, 16 GiB."""
+    settings: dict[str, Any] = {
+        "tool_id": "cofold",
+        "min_vram_gb": 24,
+        "max_runtime_s": 600,
+        "vcpus": 4,
+        "memory_gib": 16,
+        "budget": budget_name,
+        "ledger": LEDGER,
+        "backends": ["local", "gate-cloud-l4"],
+    }
+
+    return gated_task(**(settings | options))(gated_jobs.gpu_job)
+
+
 def run_in_flow(call: Callable[[], Any]) -> Any:
     @flow
     def pipeline() -> Any:
@@ -162,16 +178,7 @@ def test_gpu_job_is_refused_under_the_zero_cap_before_anyone_is_asked(
 ) -> None:
     save_backends()
     name = budget("gate-zero")
-    cofold = gated_task(
-        tool_id="cofold",
-        min_vram_gb=24,
-        max_runtime_s=600,
-        vcpus=4,
-        memory_gib=16,
-        budget=name,
-        ledger=LEDGER,
-        backends=["local", "gate-cloud-l4"],
-    )(gated_jobs.gpu_job)
+    cofold = gpu_task(name)
 
     with pytest.raises(BudgetExceeded, match=r"run cap is \$0"):
         run_in_flow(lambda: cofold("MKV"))
@@ -185,16 +192,7 @@ def test_approved_gpu_job_runs_on_its_pool_and_is_reconciled_from_the_child_run(
 ) -> None:
     save_backends()
     name = budget("gate-paid", run_usd=Decimal(5), month_usd=Decimal(50))
-    cofold = gated_task(
-        tool_id="cofold",
-        min_vram_gb=24,
-        max_runtime_s=600,
-        vcpus=4,
-        memory_gib=16,
-        budget=name,
-        ledger=LEDGER,
-        backends=["local", "gate-cloud-l4"],
-    )(gated_jobs.gpu_job)
+    cofold = gpu_task(name)
     approve_when_asked(approve=True, approver="ana", reason="weekly fold")
 
     result = run_in_flow(lambda: cofold("MKVLA", seconds=2))
@@ -214,14 +212,7 @@ def test_approved_gpu_job_runs_on_its_pool_and_is_reconciled_from_the_child_run(
 def test_rejection_fails_the_task_and_reserves_nothing(ledger: Ledger) -> None:
     save_backends()
     name = budget("gate-reject", run_usd=Decimal(5), month_usd=Decimal(50))
-    cofold = gated_task(
-        tool_id="cofold",
-        min_vram_gb=24,
-        max_runtime_s=600,
-        budget=name,
-        ledger=LEDGER,
-        backends=["gate-cloud-l4"],
-    )(gated_jobs.gpu_job)
+    cofold = gpu_task(name, backends=["gate-cloud-l4"])
     approve_when_asked(approve=False, approver="bo", reason="not this month")
 
     with pytest.raises(ApprovalRejected, match="not this month"):
@@ -240,14 +231,7 @@ def test_job_below_the_auto_approve_threshold_needs_no_person(
         month_usd=Decimal(50),
         auto_approve_below_usd=Decimal(1),
     )
-    cofold = gated_task(
-        tool_id="cofold",
-        min_vram_gb=24,
-        max_runtime_s=60,
-        budget=name,
-        ledger=LEDGER,
-        backends=["gate-cloud-l4"],
-    )(gated_jobs.gpu_job)
+    cofold = gpu_task(name, max_runtime_s=60, backends=["gate-cloud-l4"])
 
     assert run_in_flow(lambda: cofold("MK", seconds=0))["length"] == 2
 
