@@ -530,3 +530,29 @@ def test_an_unknown_budget_block_is_refused_with_the_command_that_creates_it(
 
     assert "dispatch-prefect blocks apply" in str(caught.value)
     assert ledger.reservations("no-such-budget") == []
+
+
+def test_an_unreachable_ledger_refuses_and_nothing_runs(
+    prefect_server: LocalPrefectServer, tmp_path: Path
+) -> None:
+    from dispatch_prefect.ledger import LedgerError
+    from dispatch_prefect.testing import free_port
+
+    dead = f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/test"
+    LedgerBlock(url=dead).save("gate-dead-ledger", overwrite=True)
+    name = budget("gate-dead", run_usd=Decimal(5), month_usd=Decimal(50))
+    count = gated_task(
+        tool_id="count",
+        max_runtime_s=30,
+        budget=name,
+        ledger="gate-dead-ledger",
+        backends=["local"],
+    )(gated_jobs.count_attempt)
+    marker = tmp_path / "ran"
+
+    with pytest.raises(LedgerError) as caught:
+        run_in_flow(lambda: count(str(marker)))
+
+    assert not marker.exists()
+    assert "cannot be used right now" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
