@@ -1,6 +1,7 @@
 """How fast the ledger admits, what it prevents, and that history costs nothing.
 
-Run from the repository root (PostgreSQL as in the tests):
+Run from the repository root (PostgreSQL as in the tests; ``--quick`` runs a
+quarter of the load with 1 s raw samples and skips ``scale``, for iterating):
 
     .venv/bin/python benchmarks/ledger.py
 
@@ -74,6 +75,11 @@ def main() -> None:
     parser.add_argument("--raw-seconds", type=float, default=3.0)
     parser.add_argument("--history", type=int, default=1_000_000)
     parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="for iterating: a quarter of the load, 1 s raw samples, no scale part",
+    )
+    parser.add_argument(
         "--only",
         default="sqlite,postgres,naive_sqlite,scale",
         help="comma-separated parts to run (all by default)",
@@ -83,9 +89,15 @@ def main() -> None:
         default=os.environ.get("DISPATCH_PREFECT_TEST_PG_URL", DEFAULT_PG_URL),
     )
     args = parser.parse_args()
+    if args.quick:
+        args.sqlite_attempts //= 4
+        args.pg_attempts //= 4
+        args.raw_seconds = min(args.raw_seconds, 1.0)
 
     context = multiprocessing.get_context("spawn")
     wanted = set(args.only.split(","))
+    if args.quick:
+        wanted.discard("scale")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as folder:
         if "sqlite" in wanted:

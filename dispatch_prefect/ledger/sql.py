@@ -37,8 +37,10 @@ class HotSql:
 
     select_one: str
     select_one_locked: str
+    select_with_windows: str
     select_run_keys: str
     insert_new: str
+    insert_if_new: str
     settle: str
     read_pair: str
     lock_pair: str
@@ -77,15 +79,33 @@ class HotSql:
             "SELECT window_kind, window_id, reserved_usd, spent_usd "
             f"FROM {_TOT} WHERE {pair_where}"
         )
+        joined = ", ".join(f"r.{name}" for name in RESERVATION_COLUMNS)
         sql = cls(
             select_one=select_one,
             select_one_locked=select_one + (" FOR UPDATE" if postgres else ""),
+            # The reservation and its two windows' totals in one statement,
+            # for SQLite, which holds the database write lock already.
+            select_with_windows=(
+                f"SELECT {joined}, m.reserved_usd, m.spent_usd, "
+                f"n.reserved_usd, n.spent_usd FROM {_RES} r "
+                f"LEFT JOIN {_TOT} m ON m.budget = r.budget "
+                "AND m.window_kind = 'month' AND m.window_id = r.month "
+                f"LEFT JOIN {_TOT} n ON n.budget = r.budget "
+                "AND n.window_kind = 'run' AND n.window_id = r.root_run_id "
+                "WHERE r.root_run_id = :k_root AND r.task_run_id = :k_task "
+                "AND r.attempt = :k_attempt"
+            ),
             select_run_keys=(
                 f"SELECT task_run_id, attempt FROM {_RES} WHERE root_run_id = :k_root"
             ),
             # Fails on a key another writer added meanwhile (PostgreSQL;
             # SQLite holds the database lock): the transaction runs again.
             insert_new=f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})",
+            # No change (rowcount 0) when the key is already there.
+            insert_if_new=(
+                f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders}) "
+                "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING"
+            ),
             settle=(
                 f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
                 "overrun = :overrun, swept = :swept, unverified = :unverified, "

@@ -617,6 +617,9 @@ class Ledger:
         row: dict[str, object],
     ) -> Reservation:
         windows = [plan.month_window, plan.run_window]
+        if not self._postgres:
+            return self._reserve_one_sqlite(cursor, plan, reservation, row)
+
         states, found = self._lock_and_find(cursor, windows, plan.key)
         if found is not None:
             # A replay of a key already reserved is not a new reservation.
@@ -634,6 +637,38 @@ class Ledger:
                 (self._sql.write_pair, self._pair_write(states, windows)),
             ],
         )
+
+        return reservation
+
+    def _reserve_one_sqlite(
+        self,
+        cursor: Any,
+        plan: _Plan,
+        reservation: Reservation,
+        row: dict[str, object],
+    ) -> Reservation:
+        """``_reserve_one`` under SQLite's write lock, in three statements.
+
+        The lock is already held, so the key is looked up only when the
+        usual path cannot settle it: the insert of an admitted reservation
+        changes no row when the key is already there (a replay, returned as
+        it was), and a refusal first looks for a reservation to return.
+        """
+        windows = [plan.month_window, plan.run_window]
+        states = self._read_windows(cursor, windows)
+        decision = _decide(plan, states)
+        if not decision.admitted:
+            found = self._select(cursor, plan.key)
+            if found is not None:
+                return found
+            raise _refusal(plan, decision)
+
+        cursor.execute(self._sql.insert_if_new, row)
+        if cursor.rowcount == 0:
+            return _reservation_or_fail(self._select(cursor, plan.key))
+
+        _add(states, windows, reserved_usd=plan.bound_usd)
+        cursor.execute(self._sql.write_pair, self._pair_write(states, windows))
 
         return reservation
 
@@ -717,12 +752,20 @@ class Ledger:
         """Settle one reservation; False when it was settled already."""
 
         def work(cursor: Any) -> tuple[Reservation, bool]:
-            cursor.execute(self._sql.select_one_locked, _key_params(key))
+            # SQLite holds the write lock: the reservation and its windows'
+            # totals come back in one statement. PostgreSQL locks the row,
+            # then the windows' rows in their order.
+            sqlite = not self._postgres
+            statement = (
+                self._sql.select_with_windows if sqlite else self._sql.select_one_locked
+            )
+            cursor.execute(statement, _key_params(key))
             row = cursor.fetchone()
             if row is None:
                 raise _unknown(key)
 
-            current = _reservation(row)
+            width = len(RESERVATION_COLUMNS)
+            current = _reservation(row[:width])
             if current.status is not ReservationStatus.RESERVED:
                 _check_settled_again(current, outcome)
                 return current, False
@@ -731,7 +774,20 @@ class Ledger:
                 (current.budget, BudgetWindow.MONTH.value, current.month),
                 (current.budget, BudgetWindow.RUN.value, key.root_run_id),
             ]
-            states = self._lock_windows(cursor, windows)
+            if sqlite:
+                month_totals, run_totals = row[width : width + 2], row[width + 2 :]
+                states = _states(
+                    current.budget,
+                    [
+                        (kind, window_id, *found)
+                        for (_budget, kind, window_id), found in zip(
+                            windows, (month_totals, run_totals), strict=True
+                        )
+                        if found[0] is not None
+                    ],
+                )
+            else:
+                states = self._lock_windows(cursor, windows)
             actual = outcome.actual_usd
             _add(
                 states,
