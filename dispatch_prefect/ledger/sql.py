@@ -38,6 +38,7 @@ class HotSql:
     select_one: str
     select_one_locked: str
     select_with_windows: str
+    lock_by_key: str
     select_run_keys: str
     insert_new: str
     insert_if_new: str
@@ -94,6 +95,16 @@ class HotSql:
                 "AND n.window_kind = 'run' AND n.window_id = r.root_run_id "
                 "WHERE r.root_run_id = :k_root AND r.task_run_id = :k_task "
                 "AND r.attempt = :k_attempt"
+            ),
+            # PostgreSQL: the totals rows of a reservation's windows,
+            # row-locked month before run, found through the reservation.
+            lock_by_key=(
+                "SELECT t.window_kind, t.window_id, t.reserved_usd, t.spent_usd "
+                f"FROM {_TOT} t JOIN {_RES} r ON t.budget = r.budget AND ("
+                "(t.window_kind = 'month' AND t.window_id = r.month) OR "
+                "(t.window_kind = 'run' AND t.window_id = r.root_run_id)) "
+                "WHERE r.root_run_id = :k_root AND r.task_run_id = :k_task "
+                "AND r.attempt = :k_attempt ORDER BY t.window_kind FOR UPDATE OF t"
             ),
             select_run_keys=(
                 f"SELECT task_run_id, attempt FROM {_RES} WHERE root_run_id = :k_root"

@@ -244,7 +244,9 @@ class Ledger:
         return self._where
 
     def close(self) -> None:
-        """Close the ledger's connections."""
+        """Close the ledger's connections and its writer queue's helper."""
+        if self._writers is not None:
+            self._writers.close()
         self._engine.dispose()
 
     def __enter__(self) -> Ledger:
@@ -756,10 +758,18 @@ class Ledger:
             # totals come back in one statement. PostgreSQL locks the row,
             # then the windows' rows in their order.
             sqlite = not self._postgres
-            statement = (
-                self._sql.select_with_windows if sqlite else self._sql.select_one_locked
-            )
-            cursor.execute(statement, _key_params(key))
+            params = _key_params(key)
+            locked: list[Any] = []
+            if sqlite:
+                cursor.execute(self._sql.select_with_windows, params)
+            else:
+                # One round trip: the row lock, then the windows' row locks.
+                connection = cursor.connection
+                locker = connection.cursor()
+                with connection.pipeline():
+                    cursor.execute(self._sql.select_one_locked, params)
+                    locker.execute(self._sql.lock_by_key, params)
+                locked = locker.fetchall()
             row = cursor.fetchone()
             if row is None:
                 raise _unknown(key)
@@ -786,6 +796,8 @@ class Ledger:
                         if found[0] is not None
                     ],
                 )
+            elif len(locked) == 2:
+                states = _states(current.budget, locked)
             else:
                 states = self._lock_windows(cursor, windows)
             actual = outcome.actual_usd
