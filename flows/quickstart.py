@@ -179,7 +179,8 @@ def run_story(server: Any) -> int:
     say("   spend from the shell: dispatch-prefect spend")
     say(f"   the ledger: {ledger.url}")
     say(
-        "   the server stops with the demo; `python flows/quickstart.py --keep` "
+        "   the server stops with the demo; `.venv/bin/python flows/quickstart.py "
+        "--keep` "
         "keeps it up to browse"
     )
 
