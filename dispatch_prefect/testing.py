@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +124,13 @@ def local_prefect_server(
             preexec_fn=_die_with_parent,
         )
     try:
-        _wait_until_healthy(api_url, process, log_path, startup_timeout_s)
+        _wait_until(
+            lambda: httpx.get(f"{api_url}/health", timeout=2).status_code == 200,
+            process,
+            what=f"prefect server at {api_url}",
+            log_path=log_path,
+            timeout_s=startup_timeout_s,
+        )
         yield LocalPrefectServer(
             api_url=api_url,
             ui_url=f"http://127.0.0.1:{port}",
@@ -148,27 +154,27 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _wait_until_healthy(
-    api_url: str,
+def _wait_until(
+    ready: Callable[[], bool],
     process: subprocess.Popen[bytes],
+    *,
+    what: str,
     log_path: Path,
     timeout_s: float,
 ) -> None:
+    """Poll ``ready`` until it says yes; fail fast if ``process`` dies."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(
-                f"prefect server exited with code {process.returncode}; see {log_path}"
+                f"{what} exited with code {process.returncode}; see {log_path}"
             )
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+            if ready():
                 return
         time.sleep(0.5)
 
-    raise TimeoutError(
-        f"prefect server at {api_url} did not answer within {timeout_s:.0f} s; "
-        f"see {log_path}"
-    )
+    raise TimeoutError(f"{what} was not ready within {timeout_s:.0f} s; see {log_path}")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -224,37 +230,19 @@ def prefect_worker(
             preexec_fn=_die_with_parent,
         )
     try:
-        _wait_for_worker(
-            env["PREFECT_API_URL"], pool, process, log_file, startup_timeout_s
+        workers_url = f"{env['PREFECT_API_URL']}/work_pools/{pool}/workers/filter"
+
+        def worker_seen() -> bool:
+            response = httpx.post(workers_url, json={}, timeout=2)
+            return response.status_code == 200 and bool(response.json())
+
+        _wait_until(
+            worker_seen,
+            process,
+            what=f"worker for pool {pool!r}",
+            log_path=log_file,
+            timeout_s=startup_timeout_s,
         )
         yield process
     finally:
         _stop(process)
-
-
-def _wait_for_worker(
-    api_url: str,
-    pool: str,
-    process: subprocess.Popen[bytes],
-    log_path: Path,
-    timeout_s: float,
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"worker for pool {pool!r} exited with code "
-                f"{process.returncode}; see {log_path}"
-            )
-        with contextlib.suppress(httpx.HTTPError):
-            response = httpx.post(
-                f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=2
-            )
-            if response.status_code == 200 and response.json():
-                return
-        time.sleep(0.5)
-
-    raise TimeoutError(
-        f"worker for pool {pool!r} did not report within {timeout_s:.0f} s; "
-        f"see {log_path}"
-    )
