@@ -12,6 +12,8 @@ os.environ.setdefault(
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -27,6 +29,9 @@ from dispatch_prefect.testing import (
 # code that runs inside a settings context.
 SERVER_PORT = free_port()
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{SERVER_PORT}/api"
+
+if TYPE_CHECKING:
+    from dispatch_prefect.ledger import Ledger
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -74,3 +79,17 @@ def pg_url() -> str:
         )
 
     return url
+
+
+def saved_ledger(block_name: str, folder: Path) -> Ledger:
+    """A SQLite ledger in ``folder``, saved as the ledger block ``block_name``.
+
+    Returns the test's own handle on the same file the gate opens by name.
+    """
+    from dispatch_prefect.blocks import LedgerBlock
+    from dispatch_prefect.ledger import Ledger
+
+    url = f"sqlite:///{folder / 'ledger.db'}"
+    LedgerBlock(url=url).save(block_name, overwrite=True)
+
+    return Ledger.open(url)

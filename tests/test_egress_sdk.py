@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from conftest import saved_ledger
 from https_api import USAGE, LlmApi, https_llm_api
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -31,7 +32,6 @@ from dispatch_prefect import gated_task
 from dispatch_prefect.blocks import (
     BackendBlock,
     BudgetBlock,
-    LedgerBlock,
     RatesBlock,
     SecretRefBlock,
 )
@@ -67,10 +67,7 @@ BOUND_USD = estimate_token_cost(
 
 @pytest.fixture(scope="module")
 def ledger(prefect_server: LocalPrefectServer, tmp_path_factory: Any) -> Ledger:
-    path = tmp_path_factory.mktemp("egress-ledger") / "ledger.db"
-    LedgerBlock(url=f"sqlite:///{path}").save(LEDGER, overwrite=True)
-
-    return Ledger.open(f"sqlite:///{path}")
+    return saved_ledger(LEDGER, tmp_path_factory.mktemp("egress-ledger"))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from typing import Any
 
 import gated_jobs
 import pytest
+from conftest import saved_ledger
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -47,10 +48,7 @@ L4_RATES = RatesBlock(
 
 @pytest.fixture(scope="module")
 def ledger(prefect_server: LocalPrefectServer, tmp_path_factory: Any) -> Ledger:
-    path = tmp_path_factory.mktemp("gate-ledger") / "ledger.db"
-    LedgerBlock(url=f"sqlite:///{path}").save(LEDGER, overwrite=True)
-
-    return Ledger.open(f"sqlite:///{path}")
+    return saved_ledger(LEDGER, tmp_path_factory.mktemp("gate-ledger"))
 
 
 @pytest.fixture(scope="module")
