@@ -74,6 +74,7 @@ from dispatch_prefect.ledger.schema import (
     totals,
 )
 from dispatch_prefect.ledger.sql import RESERVATION_COLUMNS, HotSql
+from dispatch_prefect.ledger.sqlite_sessions import SqliteSessions
 from dispatch_prefect.policy import (
     AdmissionDecision,
     BudgetCap,
@@ -95,6 +96,14 @@ Window = tuple[str, str, str]
 MAX_LISTED = 100_000
 _MAX_ATTEMPTS = 5
 _ZERO = Decimal(0)
+_MONTH = BudgetWindow.MONTH.value
+_RUN = BudgetWindow.RUN.value
+# Where columns sit in a reservation row read in table order.
+_WIDTH = len(RESERVATION_COLUMNS)
+_STATUS_AT = RESERVATION_COLUMNS.index("status")
+_BOUND_AT = RESERVATION_COLUMNS.index("bound_usd")
+_BUDGET_AT = RESERVATION_COLUMNS.index("budget")
+_MONTH_AT = RESERVATION_COLUMNS.index("month")
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,16 @@ class Ledger:
         self._writers = (
             None if self._postgres or not database else WriterQueue(Path(database))
         )
+        self._sessions = (
+            None
+            if self._postgres
+            else SqliteSessions(
+                engine,
+                writers=self._writers,
+                lock_timeout_s=lock_timeout_s,
+                where=where,
+            )
+        )
 
     @classmethod
     def open(
@@ -245,6 +264,8 @@ class Ledger:
 
     def close(self) -> None:
         """Close the ledger's connections and its writer queue's helper."""
+        if self._sessions is not None:
+            self._sessions.close()
         if self._writers is not None:
             self._writers.close()
         self._engine.dispose()
@@ -562,6 +583,9 @@ class Ledger:
         taken before the first read. A deadlock, serialization failure or
         dropped connection runs ``work`` again from the start.
         """
+        if self._sessions is not None:
+            return self._sessions.run(work, write=write)
+
         for attempt in itertools.count(1):
             try:
                 pooled = self._engine.raw_connection()
@@ -655,24 +679,102 @@ class Ledger:
         usual path cannot settle it: the insert of an admitted reservation
         changes no row when the key is already there (a replay, returned as
         it was), and a refusal first looks for a reservation to return.
+        Everything that does not depend on the totals was prepared before
+        the lock was taken.
         """
-        windows = [plan.month_window, plan.run_window]
-        states = self._read_windows(cursor, windows)
-        decision = _decide(plan, states)
+        pair = {"budget": plan.budget, "month": plan.month, "run": plan.key.root_run_id}
+        cursor.execute(self._sql.read_pair, pair)
+        found = {kind: (reserved, spent) for kind, _id, reserved, spent in cursor}
+        month = _totals_of(found.get(_MONTH))
+        run = _totals_of(found.get(_RUN))
+        decision = admits(
+            plan.bound_usd,
+            BudgetState(reserved_usd=run[0], spent_usd=run[1]),
+            BudgetState(reserved_usd=month[0], spent_usd=month[1]),
+            plan.cap,
+        )
         if not decision.admitted:
-            found = self._select(cursor, plan.key)
-            if found is not None:
-                return found
+            replayed = self._select(cursor, plan.key)
+            if replayed is not None:
+                return replayed
             raise _refusal(plan, decision)
 
         cursor.execute(self._sql.insert_if_new, row)
         if cursor.rowcount == 0:
             return _reservation_or_fail(self._select(cursor, plan.key))
 
-        _add(states, windows, reserved_usd=plan.bound_usd)
-        cursor.execute(self._sql.write_pair, self._pair_write(states, windows))
+        pair["month_reserved"] = format(EXACT.add(month[0], plan.bound_usd), "f")
+        pair["month_spent"] = format(month[1], "f")
+        pair["run_reserved"] = format(EXACT.add(run[0], plan.bound_usd), "f")
+        pair["run_spent"] = format(run[1], "f")
+        cursor.execute(self._sql.write_pair, pair)
 
         return reservation
+
+    def _settle_sqlite(
+        self, sessions: SqliteSessions, key: ReservationKey, outcome: _Outcome
+    ) -> tuple[Reservation, bool]:
+        """``_settle`` on SQLite: one read and two writes under the write lock.
+
+        The reservation and its two windows' totals come back in one
+        statement; the settled reservation is built after the commit, from
+        the row read under the lock.
+        """
+        actual = outcome.actual_usd
+        change: dict[str, object] = {
+            **_key_params(key),
+            "status": outcome.status.value,
+            "actual_usd": money_param(actual, self._dialect),
+            "swept": outcome.swept,
+            "unverified": outcome.unverified,
+            "settled_at": time_param(outcome.at, self._dialect),
+        }
+
+        def work(cursor: Any) -> tuple[Sequence[Any], bool]:
+            cursor.execute(self._sql.select_with_windows, change)
+            row = cursor.fetchone()
+            if row is None:
+                raise _unknown(key)
+            if row[_STATUS_AT] != ReservationStatus.RESERVED.value:
+                return row, False
+
+            bound = Decimal(row[_BOUND_AT])
+            month = _totals_of(row[_WIDTH : _WIDTH + 2])
+            run = _totals_of(row[_WIDTH + 2 :])
+            spent = actual or _ZERO
+            change["overrun"] = actual is not None and actual > bound
+            cursor.execute(self._sql.settle, change)
+            pair = {
+                "budget": row[_BUDGET_AT],
+                "month": row[_MONTH_AT],
+                "run": key.root_run_id,
+                "month_reserved": format(EXACT.subtract(month[0], bound), "f"),
+                "month_spent": format(EXACT.add(month[1], spent), "f"),
+                "run_reserved": format(EXACT.subtract(run[0], bound), "f"),
+                "run_spent": format(EXACT.add(run[1], spent), "f"),
+            }
+            cursor.execute(self._sql.write_pair, pair)
+
+            return row, True
+
+        row, changed = sessions.run(work, write=True)
+        current = _reservation(row[:_WIDTH])
+        if not changed:
+            _check_settled_again(current, outcome)
+            return current, False
+
+        settled = dataclasses.replace(
+            current,
+            status=outcome.status,
+            actual_usd=actual,
+            overrun=bool(change["overrun"]),
+            swept=outcome.swept,
+            unverified=outcome.unverified,
+            settled_at=outcome.at,
+        )
+        _log_settled(settled)
+
+        return settled, True
 
     def _lock_and_find(
         self, cursor: Any, windows: Sequence[Window], key: ReservationKey
@@ -752,6 +854,8 @@ class Ledger:
         self, key: ReservationKey, outcome: _Outcome
     ) -> tuple[Reservation, bool]:
         """Settle one reservation; False when it was settled already."""
+        if self._sessions is not None:
+            return self._settle_sqlite(self._sessions, key, outcome)
 
         def work(cursor: Any) -> tuple[Reservation, bool]:
             # SQLite holds the write lock: the reservation and its windows'
@@ -1180,6 +1284,14 @@ def _pair_params(windows: Sequence[Window]) -> dict[str, Any] | None:
         return None
 
     return {"budget": month[0], "month": month[1], "run": run[1]}
+
+
+def _totals_of(found: Sequence[Any] | None) -> tuple[Decimal, Decimal]:
+    """``(reserved, spent)`` of a totals row as stored, zeros when it is missing."""
+    if found is None or found[0] is None:
+        return _ZERO, _ZERO
+
+    return Decimal(found[0]), Decimal(found[1])
 
 
 def _states(
