@@ -20,15 +20,37 @@ from dataclasses import dataclass
 
 from dispatch_prefect.ledger.schema import reservations, totals
 
-__all__ = ["RESERVATION_COLUMNS", "HotSql"]
+__all__ = ["PG_PARAM_TYPES", "RESERVATION_COLUMNS", "HotSql"]
 
 RESERVATION_COLUMNS = tuple(column.name for column in reservations.columns)
+
+# The PostgreSQL type of every parameter name, for ``PREPARE`` (``pg``).
+PG_PARAM_TYPES = {
+    **dict.fromkeys(
+        ("root_run_id", "task_run_id", "budget", "month", "time_zone", "status"),
+        "text",
+    ),
+    **dict.fromkeys(("label", "run", "kind", "window_id", "k_root", "k_task"), "text"),
+    **dict.fromkeys(("attempt", "k_attempt"), "integer"),
+    **dict.fromkeys(("bound_usd", "actual_usd", "reserved", "spent"), "numeric"),
+    **dict.fromkeys(
+        ("month_reserved", "month_spent", "run_reserved", "run_spent"), "numeric"
+    ),
+    **dict.fromkeys(("overrun", "swept", "unverified"), "boolean"),
+    **dict.fromkeys(("created_at", "settled_at"), "timestamptz"),
+}
 
 _RES = reservations.name
 _TOT = totals.name
 _BY_KEY = "root_run_id = :k_root AND task_run_id = :k_task AND attempt = :k_attempt"
 _TOTALS_COLUMNS = "budget, window_kind, window_id, reserved_usd, spent_usd"
 _TOTALS_KEY = "budget, window_kind, window_id"
+# The totals row ``t`` of the window ``w`` (kind, id): a primary key lookup
+# once ``t.budget`` is given too.
+_BY_WINDOW = "t.window_kind = w.kind AND t.window_id = w.id"
+_LOCKED_TOTALS = "t.window_kind, t.window_id, t.reserved_usd, t.spent_usd"
+# Rows are locked in the order ORDER BY gives them.
+_IN_LOCK_ORDER = "ORDER BY t.window_kind FOR UPDATE OF t"
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,7 @@ class HotSql:
     select_one_locked: str
     select_with_windows: str
     lock_by_key: str
+    lock_and_find: str
     select_run_keys: str
     insert_new: str
     insert_if_new: str
@@ -47,6 +70,8 @@ class HotSql:
     lock_pair: str
     create_pair: str
     write_pair: str
+    reserve_write: str
+    settle_write: str
     read_one: str
     lock_one: str
     write_one: str
@@ -81,6 +106,19 @@ class HotSql:
             f"FROM {_TOT} WHERE {pair_where}"
         )
         joined = ", ".join(f"r.{name}" for name in RESERVATION_COLUMNS)
+        pair_rows = (
+            "FROM (VALUES ('month', :month), ('run', :run)) AS w (kind, id) "
+            f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = :budget"
+        )
+        insert_new = f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})"
+        settle = (
+            f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
+            "overrun = :overrun, swept = :swept, unverified = :unverified, "
+            f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved'"
+        )
+        write_pair = (
+            f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES {pair_values} " + overwrite
+        )
         sql = cls(
             select_one=select_one,
             select_one_locked=select_one + (" FOR UPDATE" if postgres else ""),
@@ -97,41 +135,52 @@ class HotSql:
                 "AND r.attempt = :k_attempt"
             ),
             # PostgreSQL: the totals rows of a reservation's windows,
-            # row-locked month before run, found through the reservation.
+            # row-locked month before run, each found by its full primary
+            # key from the reservation's budget, month and run.
             lock_by_key=(
-                "SELECT t.window_kind, t.window_id, t.reserved_usd, t.spent_usd "
-                f"FROM {_TOT} t JOIN {_RES} r ON t.budget = r.budget AND ("
-                "(t.window_kind = 'month' AND t.window_id = r.month) OR "
-                "(t.window_kind = 'run' AND t.window_id = r.root_run_id)) "
+                f"SELECT {_LOCKED_TOTALS} FROM {_RES} r CROSS JOIN LATERAL "
+                "(VALUES ('month', r.month), ('run', r.root_run_id)) AS w (kind, id) "
+                f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = r.budget "
                 "WHERE r.root_run_id = :k_root AND r.task_run_id = :k_task "
-                "AND r.attempt = :k_attempt ORDER BY t.window_kind FOR UPDATE OF t"
+                f"AND r.attempt = :k_attempt {_IN_LOCK_ORDER}"
             ),
             select_run_keys=(
                 f"SELECT task_run_id, attempt FROM {_RES} WHERE root_run_id = :k_root"
             ),
             # Fails on a key another writer added meanwhile (PostgreSQL;
             # SQLite holds the database lock): the transaction runs again.
-            insert_new=f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})",
+            insert_new=insert_new,
             # No change (rowcount 0) when the key is already there.
             insert_if_new=(
                 f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders}) "
                 "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING"
             ),
-            settle=(
-                f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
-                "overrun = :overrun, swept = :swept, unverified = :unverified, "
-                f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved'"
-            ),
+            settle=settle,
             read_pair=read_pair,
-            # Row locks, taken in ORDER BY order: month before run.
-            lock_pair=read_pair + " ORDER BY window_kind FOR UPDATE",
+            # PostgreSQL: row locks on the two rows, each found by its full
+            # primary key, taken in ORDER BY order: month before run.
+            lock_pair=f"SELECT {_LOCKED_TOTALS} {pair_rows} {_IN_LOCK_ORDER}",
+            # PostgreSQL: ``lock_pair``, each row followed by the reservation
+            # under the key when there is one. That lookup reads the
+            # snapshot the statement began with: a key committed by the
+            # writer it waited for is missed, and its insert then fails
+            # with a unique violation and runs again.
+            lock_and_find=(
+                f"SELECT {_LOCKED_TOTALS}, {joined} {pair_rows} "
+                f"LEFT JOIN {_RES} r ON r.root_run_id = :k_root "
+                "AND r.task_run_id = :k_task AND r.attempt = :k_attempt "
+                + _IN_LOCK_ORDER
+            ),
             create_pair=(
                 f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES "
                 "(:budget, 'month', :month, 0, 0), (:budget, 'run', :run, 0, 0) "
                 f"ON CONFLICT ({_TOTALS_KEY}) DO NOTHING"
             ),
-            write_pair=f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES {pair_values} "
-            + overwrite,
+            write_pair=write_pair,
+            # PostgreSQL: the reservation and both windows' totals in one
+            # statement.
+            reserve_write=f"WITH made AS ({insert_new}) {write_pair}",
+            settle_write=f"WITH settled AS ({settle}) {write_pair}",
             read_one=(
                 "SELECT window_kind, window_id, reserved_usd, spent_usd "
                 f"FROM {_TOT} WHERE budget = :budget AND window_kind = :kind "

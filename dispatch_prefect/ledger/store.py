@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from dispatch_prefect.ledger import inputs
+from dispatch_prefect.ledger import inputs, pg
 from dispatch_prefect.ledger.engine import (
     WRITE_OPTION,
     WriterQueue,
@@ -596,6 +596,8 @@ class Ledger:
                 _quietly_roll_back(pooled)
                 raise
             finally:
+                if self._postgres:
+                    pg.end(pooled)
                 pooled.close()
 
         raise AssertionError("unreachable")  # pragma: no cover
@@ -632,13 +634,8 @@ class Ledger:
             raise _refusal(plan, decision)
 
         _add(states, windows, reserved_usd=plan.bound_usd)
-        self._finish(
-            cursor,
-            [
-                (self._sql.insert_new, row),
-                (self._sql.write_pair, self._pair_write(states, windows)),
-            ],
-        )
+        write = {**row, **self._pair_write(states, windows)}
+        self._finish(cursor, [(self._sql.reserve_write, write)])
 
         return reservation
 
@@ -679,24 +676,28 @@ class Ledger:
     ) -> tuple[dict[Window, tuple[Decimal, Decimal]], Reservation | None]:
         """Lock the two windows and look the key up, in one round trip.
 
-        On PostgreSQL both statements go out in one pipeline; the lookup runs
-        after the locks, so it sees what the previous holder committed.
+        On PostgreSQL both statements go out as one query (``pg.run``); the
+        lookup runs after the locks, so it sees what the previous holder
+        committed. A window with no row yet costs a second round trip.
         """
         if not self._postgres:
             return self._lock_windows(cursor, windows), self._select(cursor, key)
 
         pair = _pair_params(windows)
-        connection = cursor.connection
-        finder = connection.cursor()
-        with connection.pipeline():
-            cursor.execute(self._sql.lock_pair, pair)
-            finder.execute(self._sql.select_one, _key_params(key))
-        rows = cursor.fetchall()
+        if pair is None:  # pragma: no cover - callers pass a pair
+            raise AssertionError(f"not one month and one run: {windows}")
+
+        params = {**pair, **_key_params(key)}
+        (rows,) = pg.run(cursor.connection, [(self._sql.lock_and_find, params)])
         if len(rows) < 2:
-            states = self._lock_windows(cursor, windows)
-        else:
-            states = _states(windows[0][0], rows)
-        found = finder.fetchone()
+            # A new run or month: its row is created, then both are locked.
+            statements = [
+                (self._sql.create_pair, pair),
+                (self._sql.lock_and_find, params),
+            ]
+            _created, rows = pg.run(cursor.connection, statements)
+        states = _states(windows[0][0], [row[:4] for row in rows])
+        found = rows[0][4:] if rows and rows[0][4] is not None else None
 
         return states, None if found is None else _reservation(found)
 
@@ -705,21 +706,17 @@ class Ledger:
     ) -> None:
         """Run the last writes of a transaction and commit.
 
-        On PostgreSQL the writes and the COMMIT go out in one pipeline, so
-        the row locks are held for one round trip and the fsync only. A
-        unique violation raised here (another writer added the same key)
-        rolls back and the transaction runs again.
+        On PostgreSQL the writes and the COMMIT go out as one query, so the
+        row locks are held for one round trip and the fsync only. A unique
+        violation raised here (another writer added the same key) rolls back
+        and the transaction runs again.
         """
         if not self._postgres:
             for statement, params in statements:
                 cursor.execute(statement, params)
             return
 
-        connection = cursor.connection
-        with connection.pipeline():
-            for statement, params in statements:
-                cursor.execute(statement, params)
-            connection.commit()
+        pg.run(cursor.connection, statements, commit=True)
 
     def _reserve_batch(self, cursor: Any, plans: Sequence[_Plan]) -> list[Reservation]:
         windows = sorted({w for p in plans for w in (p.month_window, p.run_window)})
@@ -762,15 +759,17 @@ class Ledger:
             locked: list[Any] = []
             if sqlite:
                 cursor.execute(self._sql.select_with_windows, params)
+                row = cursor.fetchone()
             else:
                 # One round trip: the row lock, then the windows' row locks.
-                connection = cursor.connection
-                locker = connection.cursor()
-                with connection.pipeline():
-                    cursor.execute(self._sql.select_one_locked, params)
-                    locker.execute(self._sql.lock_by_key, params)
-                locked = locker.fetchall()
-            row = cursor.fetchone()
+                found, locked = pg.run(
+                    cursor.connection,
+                    [
+                        (self._sql.select_one_locked, params),
+                        (self._sql.lock_by_key, params),
+                    ],
+                )
+                row = found[0] if found else None
             if row is None:
                 raise _unknown(key)
 
@@ -825,13 +824,14 @@ class Ledger:
                 "unverified": settled.unverified,
                 "settled_at": time_param(outcome.at, self._dialect),
             }
-            self._finish(
-                cursor,
-                [
-                    (self._sql.settle, change),
-                    (self._sql.write_pair, self._pair_write(states, windows)),
-                ],
-            )
+            pair = self._pair_write(states, windows)
+            if sqlite:
+                self._finish(
+                    cursor,
+                    [(self._sql.settle, change), (self._sql.write_pair, pair)],
+                )
+            else:
+                self._finish(cursor, [(self._sql.settle_write, {**change, **pair})])
 
             return settled, True
 
@@ -892,15 +892,14 @@ class Ledger:
         pair = _pair_params(windows)
         if pair is not None:
             # Usually both rows exist and one statement locks them. A new
-            # run or month creates its row first and locks again; if that
-            # meets another writer doing the same, PostgreSQL reports a
-            # deadlock and the transaction runs again.
-            cursor.execute(self._sql.lock_pair, pair)
-            rows = cursor.fetchall()
+            # run or month creates its row first and locks again, in one
+            # round trip; if that meets another writer doing the same,
+            # PostgreSQL reports a deadlock and the transaction runs again.
+            statements = [(self._sql.lock_pair, pair)]
+            (rows,) = pg.run(cursor.connection, statements)
             if len(rows) < 2:
-                cursor.execute(self._sql.create_pair, pair)
-                cursor.execute(self._sql.lock_pair, pair)
-                rows = cursor.fetchall()
+                statements.insert(0, (self._sql.create_pair, pair))
+                _created, rows = pg.run(cursor.connection, statements)
             return _states(windows[0][0], rows)
 
         found: dict[Window, tuple[Decimal, Decimal]] = {}
