@@ -3,20 +3,23 @@
 A ledger write holds its row locks from the moment the lock is granted
 until its COMMIT is durable, and the other writers of the same windows
 wait all that time; on a small machine they also share the CPU with it.
-So a transaction takes one round trip to lock and read and one to write
-and commit, with little CPU on either side:
+So a reserve or a settle takes one round trip to lock and read and one to
+write and commit, with little CPU on either side:
 
 - The statements of a round trip are joined by semicolons and sent as one
   simple-protocol query by a ``psycopg.ClientCursor``, which binds the
   parameters in the client. psycopg's pipeline mode also sends several
-  statements at once but costs much more client CPU per statement.
+  statements at once, but costs more client CPU: on a 2-core machine a
+  reserve + reconcile pair took about 1850 us of client CPU in pipelines
+  against about 1250 us this way.
 - Each statement is prepared once per connection (``PREPARE``) and the
-  query runs it with ``EXECUTE``, so PostgreSQL does not parse and plan it
-  again on every call; that took more server CPU than the statements
-  themselves.
+  query runs it with ``EXECUTE``. Sent as plain text instead, PostgreSQL
+  parses and plans every statement every time: about 2200 us of server CPU
+  per pair against about 1000 us prepared.
 - The first query of a transaction starts with ``BEGIN``; the connection is
-  put in autocommit mode first so psycopg does not send a ``BEGIN`` of its
-  own in a round trip of its own. ``end`` turns autocommit off again.
+  put in autocommit mode first, so psycopg does not send a ``BEGIN`` of its
+  own in a round trip of its own. ``end`` turns autocommit off again before
+  the connection goes back to SQLAlchemy's pool.
 
 Each statement still takes its own snapshot at READ COMMITTED, so a
 statement after a ``FOR UPDATE`` sees what the previous holder of the locks

@@ -10,7 +10,9 @@ are still defined, created and versioned by SQLAlchemy (``schema``), and
 listings use SQLAlchemy Core.
 
 The text works on both SQLite (3.35 or newer, for ``RETURNING``) and
-PostgreSQL; only the placeholder style differs.
+PostgreSQL; only the placeholder style differs. Statements whose comment
+begins "PostgreSQL:" run there only; ``pg`` prepares them once per
+connection and runs them by name, with the types of ``PG_PARAM_TYPES``.
 """
 
 from __future__ import annotations
@@ -58,10 +60,10 @@ class HotSql:
     """The hot statements, in the placeholder style of one driver."""
 
     select_one: str
-    select_one_locked: str
     select_with_windows: str
     lock_by_key: str
-    lock_and_find: str
+    claim: str
+    settle_first: str
     select_run_keys: str
     insert_new: str
     insert_if_new: str
@@ -70,8 +72,6 @@ class HotSql:
     lock_pair: str
     create_pair: str
     write_pair: str
-    reserve_write: str
-    settle_write: str
     read_one: str
     lock_one: str
     write_one: str
@@ -106,22 +106,9 @@ class HotSql:
             f"FROM {_TOT} WHERE {pair_where}"
         )
         joined = ", ".join(f"r.{name}" for name in RESERVATION_COLUMNS)
-        pair_rows = (
-            "FROM (VALUES ('month', :month), ('run', :run)) AS w (kind, id) "
-            f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = :budget"
-        )
         insert_new = f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})"
-        settle = (
-            f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
-            "overrun = :overrun, swept = :swept, unverified = :unverified, "
-            f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved'"
-        )
-        write_pair = (
-            f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES {pair_values} " + overwrite
-        )
         sql = cls(
             select_one=select_one,
-            select_one_locked=select_one + (" FOR UPDATE" if postgres else ""),
             # The reservation and its two windows' totals in one statement,
             # for SQLite, which holds the database write lock already.
             select_with_windows=(
@@ -155,20 +142,34 @@ class HotSql:
                 f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders}) "
                 "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING"
             ),
-            settle=settle,
+            # PostgreSQL: a new reservation, inserted before its windows are
+            # locked; no row comes back when the key is already there.
+            claim=(
+                f"{insert_new} ON CONFLICT (root_run_id, task_run_id, attempt) "
+                "DO NOTHING RETURNING attempt"
+            ),
+            settle=(
+                f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
+                "overrun = :overrun, swept = :swept, unverified = :unverified, "
+                f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved'"
+            ),
+            # PostgreSQL: settles a reservation that is still reserved,
+            # row-locking it, before its windows are locked; no row comes
+            # back when it is settled already or missing.
+            settle_first=(
+                f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
+                "overrun = COALESCE(:actual_usd > bound_usd, false), "
+                "swept = :swept, unverified = :unverified, "
+                f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved' "
+                f"RETURNING {columns}"
+            ),
             read_pair=read_pair,
             # PostgreSQL: row locks on the two rows, each found by its full
             # primary key, taken in ORDER BY order: month before run.
-            lock_pair=f"SELECT {_LOCKED_TOTALS} {pair_rows} {_IN_LOCK_ORDER}",
-            # PostgreSQL: ``lock_pair``, each row followed by the reservation
-            # under the key when there is one. That lookup reads the
-            # snapshot the statement began with: a key committed by the
-            # writer it waited for is missed, and its insert then fails
-            # with a unique violation and runs again.
-            lock_and_find=(
-                f"SELECT {_LOCKED_TOTALS}, {joined} {pair_rows} "
-                f"LEFT JOIN {_RES} r ON r.root_run_id = :k_root "
-                "AND r.task_run_id = :k_task AND r.attempt = :k_attempt "
+            lock_pair=(
+                f"SELECT {_LOCKED_TOTALS} FROM "
+                "(VALUES ('month', :month), ('run', :run)) AS w (kind, id) "
+                f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = :budget "
                 + _IN_LOCK_ORDER
             ),
             create_pair=(
@@ -176,11 +177,8 @@ class HotSql:
                 "(:budget, 'month', :month, 0, 0), (:budget, 'run', :run, 0, 0) "
                 f"ON CONFLICT ({_TOTALS_KEY}) DO NOTHING"
             ),
-            write_pair=write_pair,
-            # PostgreSQL: the reservation and both windows' totals in one
-            # statement.
-            reserve_write=f"WITH made AS ({insert_new}) {write_pair}",
-            settle_write=f"WITH settled AS ({settle}) {write_pair}",
+            write_pair=f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES {pair_values} "
+            + overwrite,
             read_one=(
                 "SELECT window_kind, window_id, reserved_usd, spent_usd "
                 f"FROM {_TOT} WHERE budget = :budget AND window_kind = :kind "

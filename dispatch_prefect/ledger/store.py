@@ -9,10 +9,13 @@ new totals before it commits:
 - PostgreSQL (READ COMMITTED): ``SELECT ... FOR UPDATE`` row-locks the
   totals rows of the windows, always in the same order (month before run;
   batches sorted by budget, window kind, window id), so two writers wait
-  for each other and the second reads what the first committed. Missing
-  rows are created first. A deadlock (possible only when two writers open
-  the same new window at once) or serialization failure runs the whole
-  transaction again.
+  for each other and the second reads what the first committed. A single
+  reserve or settle writes its reservation row first (a reservation row
+  before its windows), so the windows stay locked for the totals write and
+  the commit only; each takes two round trips (see ``pg``). Missing rows
+  are created first. A deadlock (possible only when two writers open the
+  same new window at once, or a batch and a single reserve add the same
+  key at once) or serialization failure runs the whole transaction again.
 
 The totals rows are what admission reads, so a check or a reservation costs
 the same whatever the size of history.
@@ -624,7 +627,7 @@ class Ledger:
         if not self._postgres:
             return self._reserve_one_sqlite(cursor, plan, reservation, row)
 
-        states, found = self._lock_and_find(cursor, windows, plan.key)
+        states, found = self._claim_and_lock(cursor, windows, plan.key, row)
         if found is not None:
             # A replay of a key already reserved is not a new reservation.
             return found
@@ -634,8 +637,9 @@ class Ledger:
             raise _refusal(plan, decision)
 
         _add(states, windows, reserved_usd=plan.bound_usd)
-        write = {**row, **self._pair_write(states, windows)}
-        self._finish(cursor, [(self._sql.reserve_write, write)])
+        self._finish(
+            cursor, [(self._sql.write_pair, self._pair_write(states, windows))]
+        )
 
         return reservation
 
@@ -671,35 +675,39 @@ class Ledger:
 
         return reservation
 
-    def _lock_and_find(
-        self, cursor: Any, windows: Sequence[Window], key: ReservationKey
+    def _claim_and_lock(
+        self,
+        cursor: Any,
+        windows: Sequence[Window],
+        key: ReservationKey,
+        row: dict[str, object],
     ) -> tuple[dict[Window, tuple[Decimal, Decimal]], Reservation | None]:
-        """Lock the two windows and look the key up, in one round trip.
+        """PostgreSQL: insert the reservation, then lock its two windows.
 
-        On PostgreSQL both statements go out as one query (``pg.run``); the
-        lookup runs after the locks, so it sees what the previous holder
-        committed. A window with no row yet costs a second round trip.
+        One round trip. The row goes in before the window locks are asked
+        for (the order of every writer: a reservation row before its
+        windows), so its insert and index entries are not part of the time
+        the windows stay locked; a refusal rolls it back. When the key is
+        already there the insert changes nothing (after waiting for a writer
+        of the same key to finish) and the reservation found is returned. A
+        window with no row yet costs a second round trip.
         """
-        if not self._postgres:
-            return self._lock_windows(cursor, windows), self._select(cursor, key)
-
         pair = _pair_params(windows)
         if pair is None:  # pragma: no cover - callers pass a pair
             raise AssertionError(f"not one month and one run: {windows}")
 
-        params = {**pair, **_key_params(key)}
-        (rows,) = pg.run(cursor.connection, [(self._sql.lock_and_find, params)])
+        claimed, rows = pg.run(
+            cursor.connection,
+            [(self._sql.claim, row), (self._sql.lock_pair, pair)],
+        )
         if len(rows) < 2:
             # A new run or month: its row is created, then both are locked.
-            statements = [
-                (self._sql.create_pair, pair),
-                (self._sql.lock_and_find, params),
-            ]
+            statements = [(self._sql.create_pair, pair), (self._sql.lock_pair, pair)]
             _created, rows = pg.run(cursor.connection, statements)
-        states = _states(windows[0][0], [row[:4] for row in rows])
-        found = rows[0][4:] if rows and rows[0][4] is not None else None
+        if not claimed:
+            return {}, _reservation_or_fail(self._select(cursor, key))
 
-        return states, None if found is None else _reservation(found)
+        return _states(windows[0][0], rows), None
 
     def _finish(
         self, cursor: Any, statements: Sequence[tuple[str, dict[str, Any]]]
@@ -707,9 +715,7 @@ class Ledger:
         """Run the last writes of a transaction and commit.
 
         On PostgreSQL the writes and the COMMIT go out as one query, so the
-        row locks are held for one round trip and the fsync only. A unique
-        violation raised here (another writer added the same key) rolls back
-        and the transaction runs again.
+        row locks are held for one round trip and the fsync only.
         """
         if not self._postgres:
             for statement, params in statements:
@@ -751,25 +757,14 @@ class Ledger:
         """Settle one reservation; False when it was settled already."""
 
         def work(cursor: Any) -> tuple[Reservation, bool]:
+            if self._postgres:
+                return self._settle_postgres(cursor, key, outcome)
+
             # SQLite holds the write lock: the reservation and its windows'
-            # totals come back in one statement. PostgreSQL locks the row,
-            # then the windows' rows in their order.
-            sqlite = not self._postgres
+            # totals come back in one statement.
             params = _key_params(key)
-            locked: list[Any] = []
-            if sqlite:
-                cursor.execute(self._sql.select_with_windows, params)
-                row = cursor.fetchone()
-            else:
-                # One round trip: the row lock, then the windows' row locks.
-                found, locked = pg.run(
-                    cursor.connection,
-                    [
-                        (self._sql.select_one_locked, params),
-                        (self._sql.lock_by_key, params),
-                    ],
-                )
-                row = found[0] if found else None
+            cursor.execute(self._sql.select_with_windows, params)
+            row = cursor.fetchone()
             if row is None:
                 raise _unknown(key)
 
@@ -783,22 +778,17 @@ class Ledger:
                 (current.budget, BudgetWindow.MONTH.value, current.month),
                 (current.budget, BudgetWindow.RUN.value, key.root_run_id),
             ]
-            if sqlite:
-                month_totals, run_totals = row[width : width + 2], row[width + 2 :]
-                states = _states(
-                    current.budget,
-                    [
-                        (kind, window_id, *found)
-                        for (_budget, kind, window_id), found in zip(
-                            windows, (month_totals, run_totals), strict=True
-                        )
-                        if found[0] is not None
-                    ],
-                )
-            elif len(locked) == 2:
-                states = _states(current.budget, locked)
-            else:
-                states = self._lock_windows(cursor, windows)
+            month_totals, run_totals = row[width : width + 2], row[width + 2 :]
+            states = _states(
+                current.budget,
+                [
+                    (kind, window_id, *found)
+                    for (_budget, kind, window_id), found in zip(
+                        windows, (month_totals, run_totals), strict=True
+                    )
+                    if found[0] is not None
+                ],
+            )
             actual = outcome.actual_usd
             _add(
                 states,
@@ -824,14 +814,13 @@ class Ledger:
                 "unverified": settled.unverified,
                 "settled_at": time_param(outcome.at, self._dialect),
             }
-            pair = self._pair_write(states, windows)
-            if sqlite:
-                self._finish(
-                    cursor,
-                    [(self._sql.settle, change), (self._sql.write_pair, pair)],
-                )
-            else:
-                self._finish(cursor, [(self._sql.settle_write, {**change, **pair})])
+            self._finish(
+                cursor,
+                [
+                    (self._sql.settle, change),
+                    (self._sql.write_pair, self._pair_write(states, windows)),
+                ],
+            )
 
             return settled, True
 
@@ -840,6 +829,58 @@ class Ledger:
             _log_settled(settled)
 
         return settled, changed
+
+    def _settle_postgres(
+        self, cursor: Any, key: ReservationKey, outcome: _Outcome
+    ) -> tuple[Reservation, bool]:
+        """``_settle`` on PostgreSQL, in two round trips.
+
+        The first settles the reservation row if it is still reserved (the
+        update row-locks it) and then row-locks its windows, month before
+        run; the second writes the windows' totals and commits. So the
+        windows stay locked for the totals write and the commit only. A
+        reservation already settled, or none, costs one more round trip to
+        read it; nothing is written then.
+        """
+        params = _key_params(key)
+        change = {
+            **params,
+            "status": outcome.status.value,
+            "actual_usd": money_param(outcome.actual_usd, self._dialect),
+            "swept": outcome.swept,
+            "unverified": outcome.unverified,
+            "settled_at": time_param(outcome.at, self._dialect),
+        }
+        updated, locked = pg.run(
+            cursor.connection,
+            [(self._sql.settle_first, change), (self._sql.lock_by_key, params)],
+        )
+        if not updated:
+            current = self._select(cursor, key)
+            if current is None:
+                raise _unknown(key)
+            _check_settled_again(current, outcome)
+            return current, False
+
+        settled = _reservation(updated[0])
+        windows = [
+            (settled.budget, BudgetWindow.MONTH.value, settled.month),
+            (settled.budget, BudgetWindow.RUN.value, key.root_run_id),
+        ]
+        states = _states(settled.budget, locked)
+        if len(states) < 2:  # pragma: no cover - reserve made both rows
+            states = self._lock_windows(cursor, windows)
+        _add(
+            states,
+            windows,
+            reserved_usd=-settled.bound_usd,
+            spent_usd=outcome.actual_usd or _ZERO,
+        )
+        self._finish(
+            cursor, [(self._sql.write_pair, self._pair_write(states, windows))]
+        )
+
+        return settled, True
 
     def _sweep_one(
         self, reservation: Reservation, actual: Decimal | None
