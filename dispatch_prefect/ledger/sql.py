@@ -105,6 +105,13 @@ class HotSql:
             "SELECT window_kind, window_id, reserved_usd, spent_usd "
             f"FROM {_TOT} WHERE {pair_where}"
         )
+        # PostgreSQL: the two rows, each found by its full primary key.
+        pair_rows = (
+            "FROM (VALUES ('month', :month), ('run', :run)) AS w (kind, id) "
+            f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = :budget"
+        )
+        if postgres:
+            read_pair = f"SELECT {_LOCKED_TOTALS} {pair_rows}"
         joined = ", ".join(f"r.{name}" for name in RESERVATION_COLUMNS)
         insert_new = f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})"
         sql = cls(
@@ -166,12 +173,7 @@ class HotSql:
             read_pair=read_pair,
             # PostgreSQL: row locks on the two rows, each found by its full
             # primary key, taken in ORDER BY order: month before run.
-            lock_pair=(
-                f"SELECT {_LOCKED_TOTALS} FROM "
-                "(VALUES ('month', :month), ('run', :run)) AS w (kind, id) "
-                f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = :budget "
-                + _IN_LOCK_ORDER
-            ),
+            lock_pair=f"SELECT {_LOCKED_TOTALS} {pair_rows} {_IN_LOCK_ORDER}",
             create_pair=(
                 f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES "
                 "(:budget, 'month', :month, 0, 0), (:budget, 'run', :run, 0, 0) "
