@@ -10,7 +10,9 @@ are still defined, created and versioned by SQLAlchemy (``schema``), and
 listings use SQLAlchemy Core.
 
 The text works on both SQLite (3.35 or newer, for ``RETURNING``) and
-PostgreSQL; only the placeholder style differs.
+PostgreSQL; only the placeholder style differs. Statements whose comment
+begins "PostgreSQL:" run there only; ``pg`` prepares them once per
+connection and runs them by name, with the types of ``PG_PARAM_TYPES``.
 """
 
 from __future__ import annotations
@@ -20,15 +22,37 @@ from dataclasses import dataclass
 
 from dispatch_prefect.ledger.schema import reservations, totals
 
-__all__ = ["RESERVATION_COLUMNS", "HotSql"]
+__all__ = ["PG_PARAM_TYPES", "RESERVATION_COLUMNS", "HotSql"]
 
 RESERVATION_COLUMNS = tuple(column.name for column in reservations.columns)
+
+# The PostgreSQL type of every parameter name, for ``PREPARE`` (``pg``).
+PG_PARAM_TYPES = {
+    **dict.fromkeys(
+        ("root_run_id", "task_run_id", "budget", "month", "time_zone", "status"),
+        "text",
+    ),
+    **dict.fromkeys(("label", "run", "kind", "window_id", "k_root", "k_task"), "text"),
+    **dict.fromkeys(("attempt", "k_attempt"), "integer"),
+    **dict.fromkeys(("bound_usd", "actual_usd", "reserved", "spent"), "numeric"),
+    **dict.fromkeys(
+        ("month_reserved", "month_spent", "run_reserved", "run_spent"), "numeric"
+    ),
+    **dict.fromkeys(("overrun", "swept", "unverified"), "boolean"),
+    **dict.fromkeys(("created_at", "settled_at"), "timestamptz"),
+}
 
 _RES = reservations.name
 _TOT = totals.name
 _BY_KEY = "root_run_id = :k_root AND task_run_id = :k_task AND attempt = :k_attempt"
 _TOTALS_COLUMNS = "budget, window_kind, window_id, reserved_usd, spent_usd"
 _TOTALS_KEY = "budget, window_kind, window_id"
+# The totals row ``t`` of the window ``w`` (kind, id): a primary key lookup
+# once ``t.budget`` is given too.
+_BY_WINDOW = "t.window_kind = w.kind AND t.window_id = w.id"
+_LOCKED_TOTALS = "t.window_kind, t.window_id, t.reserved_usd, t.spent_usd"
+# Rows are locked in the order ORDER BY gives them.
+_IN_LOCK_ORDER = "ORDER BY t.window_kind FOR UPDATE OF t"
 
 
 @dataclass(frozen=True)
@@ -36,9 +60,10 @@ class HotSql:
     """The hot statements, in the placeholder style of one driver."""
 
     select_one: str
-    select_one_locked: str
     select_with_windows: str
     lock_by_key: str
+    claim: str
+    settle_first: str
     select_run_keys: str
     insert_new: str
     insert_if_new: str
@@ -80,10 +105,17 @@ class HotSql:
             "SELECT window_kind, window_id, reserved_usd, spent_usd "
             f"FROM {_TOT} WHERE {pair_where}"
         )
+        # PostgreSQL: the two rows, each found by its full primary key.
+        pair_rows = (
+            "FROM (VALUES ('month', :month), ('run', :run)) AS w (kind, id) "
+            f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = :budget"
+        )
+        if postgres:
+            read_pair = f"SELECT {_LOCKED_TOTALS} {pair_rows}"
         joined = ", ".join(f"r.{name}" for name in RESERVATION_COLUMNS)
+        insert_new = f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})"
         sql = cls(
             select_one=select_one,
-            select_one_locked=select_one + (" FOR UPDATE" if postgres else ""),
             # The reservation and its two windows' totals in one statement,
             # for SQLite, which holds the database write lock already.
             select_with_windows=(
@@ -97,34 +129,51 @@ class HotSql:
                 "AND r.attempt = :k_attempt"
             ),
             # PostgreSQL: the totals rows of a reservation's windows,
-            # row-locked month before run, found through the reservation.
+            # row-locked month before run, each found by its full primary
+            # key from the reservation's budget, month and run.
             lock_by_key=(
-                "SELECT t.window_kind, t.window_id, t.reserved_usd, t.spent_usd "
-                f"FROM {_TOT} t JOIN {_RES} r ON t.budget = r.budget AND ("
-                "(t.window_kind = 'month' AND t.window_id = r.month) OR "
-                "(t.window_kind = 'run' AND t.window_id = r.root_run_id)) "
+                f"SELECT {_LOCKED_TOTALS} FROM {_RES} r CROSS JOIN LATERAL "
+                "(VALUES ('month', r.month), ('run', r.root_run_id)) AS w (kind, id) "
+                f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = r.budget "
                 "WHERE r.root_run_id = :k_root AND r.task_run_id = :k_task "
-                "AND r.attempt = :k_attempt ORDER BY t.window_kind FOR UPDATE OF t"
+                f"AND r.attempt = :k_attempt {_IN_LOCK_ORDER}"
             ),
             select_run_keys=(
                 f"SELECT task_run_id, attempt FROM {_RES} WHERE root_run_id = :k_root"
             ),
             # Fails on a key another writer added meanwhile (PostgreSQL;
             # SQLite holds the database lock): the transaction runs again.
-            insert_new=f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders})",
+            insert_new=insert_new,
             # No change (rowcount 0) when the key is already there.
             insert_if_new=(
                 f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders}) "
                 "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING"
+            ),
+            # PostgreSQL: a new reservation, inserted before its windows are
+            # locked; no row comes back when the key is already there.
+            claim=(
+                f"{insert_new} ON CONFLICT (root_run_id, task_run_id, attempt) "
+                "DO NOTHING RETURNING attempt"
             ),
             settle=(
                 f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
                 "overrun = :overrun, swept = :swept, unverified = :unverified, "
                 f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved'"
             ),
+            # PostgreSQL: settles a reservation that is still reserved,
+            # row-locking it, before its windows are locked; no row comes
+            # back when it is settled already or missing.
+            settle_first=(
+                f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "
+                "overrun = COALESCE(:actual_usd > bound_usd, false), "
+                "swept = :swept, unverified = :unverified, "
+                f"settled_at = :settled_at WHERE {_BY_KEY} AND status = 'reserved' "
+                f"RETURNING {columns}"
+            ),
             read_pair=read_pair,
-            # Row locks, taken in ORDER BY order: month before run.
-            lock_pair=read_pair + " ORDER BY window_kind FOR UPDATE",
+            # PostgreSQL: row locks on the two rows, each found by its full
+            # primary key, taken in ORDER BY order: month before run.
+            lock_pair=f"SELECT {_LOCKED_TOTALS} {pair_rows} {_IN_LOCK_ORDER}",
             create_pair=(
                 f"INSERT INTO {_TOT} ({_TOTALS_COLUMNS}) VALUES "
                 "(:budget, 'month', :month, 0, 0), (:budget, 'run', :run, 0, 0) "

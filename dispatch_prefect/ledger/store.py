@@ -9,10 +9,13 @@ new totals before it commits:
 - PostgreSQL (READ COMMITTED): ``SELECT ... FOR UPDATE`` row-locks the
   totals rows of the windows, always in the same order (month before run;
   batches sorted by budget, window kind, window id), so two writers wait
-  for each other and the second reads what the first committed. Missing
-  rows are created first. A deadlock (possible only when two writers open
-  the same new window at once) or serialization failure runs the whole
-  transaction again.
+  for each other and the second reads what the first committed. A single
+  reserve or settle writes its reservation row first (a reservation row
+  before its windows), so the windows stay locked for the totals write and
+  the commit only; each takes two round trips (see ``pg``). Missing rows
+  are created first. A deadlock (possible only when two writers open the
+  same new window at once, or a batch and a single reserve add the same
+  key at once) or serialization failure runs the whole transaction again.
 
 The totals rows are what admission reads, so a check or a reservation costs
 the same whatever the size of history.
@@ -35,7 +38,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from dispatch_prefect.ledger import inputs
+from dispatch_prefect.ledger import inputs, pg
 from dispatch_prefect.ledger.engine import (
     WRITE_OPTION,
     WriterQueue,
@@ -579,9 +582,9 @@ class Ledger:
     def _run(self, work: Callable[[Any], T], *, write: bool = True) -> T:
         """Run ``work(cursor)`` in one transaction on a driver connection.
 
-        A write on SQLite begins with ``BEGIN IMMEDIATE``: the write lock is
-        taken before the first read. A deadlock, serialization failure or
-        dropped connection runs ``work`` again from the start.
+        SQLite runs it on the thread's kept connection (``SqliteSessions``).
+        On PostgreSQL a deadlock, serialization failure or dropped
+        connection runs ``work`` again from the start.
         """
         if self._sessions is not None:
             return self._sessions.run(work, write=write)
@@ -594,12 +597,9 @@ class Ledger:
 
             cursor = None
             try:
-                with self._turn(write):
-                    cursor = pooled.cursor()
-                    if write and not self._postgres:
-                        cursor.execute("BEGIN IMMEDIATE")
-                    result = work(cursor)
-                    pooled.commit()
+                cursor = pooled.cursor()
+                result = work(cursor)
+                pooled.commit()
                 return result
             except self._driver_error as exc:
                 disconnected = self._engine.dialect.is_disconnect(
@@ -620,15 +620,10 @@ class Ledger:
                 _quietly_roll_back(pooled)
                 raise
             finally:
+                pg.end(pooled)
                 pooled.close()
 
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _turn(self, write: bool) -> contextlib.AbstractContextManager[None]:
-        if not write or self._writers is None:
-            return contextlib.nullcontext()
-
-        return self._writers.turn(timeout_s=self._lock_timeout_s)
 
     def _unavailable(self, exc: BaseException) -> bool:
         dbapi = self._engine.dialect.loaded_dbapi
@@ -646,7 +641,7 @@ class Ledger:
         if not self._postgres:
             return self._reserve_one_sqlite(cursor, plan, reservation, row)
 
-        states, found = self._lock_and_find(cursor, windows, plan.key)
+        states, found = self._claim_and_lock(cursor, windows, plan.key, row)
         if found is not None:
             # A replay of a key already reserved is not a new reservation.
             return found
@@ -657,11 +652,7 @@ class Ledger:
 
         _add(states, windows, reserved_usd=plan.bound_usd)
         self._finish(
-            cursor,
-            [
-                (self._sql.insert_new, row),
-                (self._sql.write_pair, self._pair_write(states, windows)),
-            ],
+            cursor, [(self._sql.write_pair, self._pair_write(states, windows))]
         )
 
         return reservation
@@ -776,52 +767,48 @@ class Ledger:
 
         return settled, True
 
-    def _lock_and_find(
-        self, cursor: Any, windows: Sequence[Window], key: ReservationKey
+    def _claim_and_lock(
+        self,
+        cursor: Any,
+        windows: Sequence[Window],
+        key: ReservationKey,
+        row: dict[str, object],
     ) -> tuple[dict[Window, tuple[Decimal, Decimal]], Reservation | None]:
-        """Lock the two windows and look the key up, in one round trip.
+        """PostgreSQL: insert the reservation, then lock its two windows.
 
-        On PostgreSQL both statements go out in one pipeline; the lookup runs
-        after the locks, so it sees what the previous holder committed.
+        One round trip. The row goes in before the window locks are asked
+        for (the order of every writer: a reservation row before its
+        windows), so its insert and index entries are not part of the time
+        the windows stay locked; a refusal rolls it back. When the key is
+        already there the insert changes nothing (after waiting for a writer
+        of the same key to finish) and the reservation found is returned. A
+        window with no row yet costs a second round trip.
         """
-        if not self._postgres:
-            return self._lock_windows(cursor, windows), self._select(cursor, key)
-
         pair = _pair_params(windows)
-        connection = cursor.connection
-        finder = connection.cursor()
-        with connection.pipeline():
-            cursor.execute(self._sql.lock_pair, pair)
-            finder.execute(self._sql.select_one, _key_params(key))
-        rows = cursor.fetchall()
-        if len(rows) < 2:
-            states = self._lock_windows(cursor, windows)
-        else:
-            states = _states(windows[0][0], rows)
-        found = finder.fetchone()
+        if pair is None:  # pragma: no cover - callers pass a pair
+            raise AssertionError(f"not one month and one run: {windows}")
 
-        return states, None if found is None else _reservation(found)
+        claimed, rows = pg.run(
+            cursor.connection,
+            [(self._sql.claim, row), (self._sql.lock_pair, pair)],
+        )
+        if len(rows) < 2:
+            # A new run or month: its row is created, then both are locked.
+            statements = [(self._sql.create_pair, pair), (self._sql.lock_pair, pair)]
+            _created, rows = pg.run(cursor.connection, statements)
+        if not claimed:
+            return {}, _reservation_or_fail(self._select(cursor, key))
+
+        return _states(windows[0][0], rows), None
 
     def _finish(
         self, cursor: Any, statements: Sequence[tuple[str, dict[str, Any]]]
     ) -> None:
-        """Run the last writes of a transaction and commit.
+        """PostgreSQL: the last writes and the COMMIT, sent as one query.
 
-        On PostgreSQL the writes and the COMMIT go out in one pipeline, so
-        the row locks are held for one round trip and the fsync only. A
-        unique violation raised here (another writer added the same key)
-        rolls back and the transaction runs again.
+        So the row locks are held for one round trip and the fsync only.
         """
-        if not self._postgres:
-            for statement, params in statements:
-                cursor.execute(statement, params)
-            return
-
-        connection = cursor.connection
-        with connection.pipeline():
-            for statement, params in statements:
-                cursor.execute(statement, params)
-            connection.commit()
+        pg.run(cursor.connection, statements, commit=True)
 
     def _reserve_batch(self, cursor: Any, plans: Sequence[_Plan]) -> list[Reservation]:
         windows = sorted({w for p in plans for w in (p.month_window, p.run_window)})
@@ -857,93 +844,65 @@ class Ledger:
         if self._sessions is not None:
             return self._settle_sqlite(self._sessions, key, outcome)
 
-        def work(cursor: Any) -> tuple[Reservation, bool]:
-            # SQLite holds the write lock: the reservation and its windows'
-            # totals come back in one statement. PostgreSQL locks the row,
-            # then the windows' rows in their order.
-            sqlite = not self._postgres
-            params = _key_params(key)
-            locked: list[Any] = []
-            if sqlite:
-                cursor.execute(self._sql.select_with_windows, params)
-            else:
-                # One round trip: the row lock, then the windows' row locks.
-                connection = cursor.connection
-                locker = connection.cursor()
-                with connection.pipeline():
-                    cursor.execute(self._sql.select_one_locked, params)
-                    locker.execute(self._sql.lock_by_key, params)
-                locked = locker.fetchall()
-            row = cursor.fetchone()
-            if row is None:
-                raise _unknown(key)
-
-            width = len(RESERVATION_COLUMNS)
-            current = _reservation(row[:width])
-            if current.status is not ReservationStatus.RESERVED:
-                _check_settled_again(current, outcome)
-                return current, False
-
-            windows = [
-                (current.budget, BudgetWindow.MONTH.value, current.month),
-                (current.budget, BudgetWindow.RUN.value, key.root_run_id),
-            ]
-            if sqlite:
-                month_totals, run_totals = row[width : width + 2], row[width + 2 :]
-                states = _states(
-                    current.budget,
-                    [
-                        (kind, window_id, *found)
-                        for (_budget, kind, window_id), found in zip(
-                            windows, (month_totals, run_totals), strict=True
-                        )
-                        if found[0] is not None
-                    ],
-                )
-            elif len(locked) == 2:
-                states = _states(current.budget, locked)
-            else:
-                states = self._lock_windows(cursor, windows)
-            actual = outcome.actual_usd
-            _add(
-                states,
-                windows,
-                reserved_usd=-current.bound_usd,
-                spent_usd=actual or _ZERO,
-            )
-            settled = dataclasses.replace(
-                current,
-                status=outcome.status,
-                actual_usd=actual,
-                overrun=actual is not None and actual > current.bound_usd,
-                swept=outcome.swept,
-                unverified=outcome.unverified,
-                settled_at=outcome.at,
-            )
-            change = {
-                **_key_params(key),
-                "status": settled.status.value,
-                "actual_usd": money_param(actual, self._dialect),
-                "overrun": settled.overrun,
-                "swept": settled.swept,
-                "unverified": settled.unverified,
-                "settled_at": time_param(outcome.at, self._dialect),
-            }
-            self._finish(
-                cursor,
-                [
-                    (self._sql.settle, change),
-                    (self._sql.write_pair, self._pair_write(states, windows)),
-                ],
-            )
-
-            return settled, True
-
-        settled, changed = self._run(work)
+        settled, changed = self._run(
+            lambda cursor: self._settle_postgres(cursor, key, outcome)
+        )
         if changed:
             _log_settled(settled)
 
         return settled, changed
+
+    def _settle_postgres(
+        self, cursor: Any, key: ReservationKey, outcome: _Outcome
+    ) -> tuple[Reservation, bool]:
+        """``_settle`` on PostgreSQL, in two round trips.
+
+        The first settles the reservation row if it is still reserved (the
+        update row-locks it) and then row-locks its windows, month before
+        run; the second writes the windows' totals and commits. So the
+        windows stay locked for the totals write and the commit only. A
+        reservation already settled, or none, costs one more round trip to
+        read it; nothing is written then.
+        """
+        params = _key_params(key)
+        change = {
+            **params,
+            "status": outcome.status.value,
+            "actual_usd": money_param(outcome.actual_usd, self._dialect),
+            "swept": outcome.swept,
+            "unverified": outcome.unverified,
+            "settled_at": time_param(outcome.at, self._dialect),
+        }
+        updated, locked = pg.run(
+            cursor.connection,
+            [(self._sql.settle_first, change), (self._sql.lock_by_key, params)],
+        )
+        if not updated:
+            current = self._select(cursor, key)
+            if current is None:
+                raise _unknown(key)
+            _check_settled_again(current, outcome)
+            return current, False
+
+        settled = _reservation(updated[0])
+        windows = [
+            (settled.budget, BudgetWindow.MONTH.value, settled.month),
+            (settled.budget, BudgetWindow.RUN.value, key.root_run_id),
+        ]
+        states = _states(settled.budget, locked)
+        if len(states) < 2:  # pragma: no cover - reserve made both rows
+            states = self._lock_windows(cursor, windows)
+        _add(
+            states,
+            windows,
+            reserved_usd=-settled.bound_usd,
+            spent_usd=outcome.actual_usd or _ZERO,
+        )
+        self._finish(
+            cursor, [(self._sql.write_pair, self._pair_write(states, windows))]
+        )
+
+        return settled, True
 
     def _sweep_one(
         self, reservation: Reservation, actual: Decimal | None
@@ -996,15 +955,14 @@ class Ledger:
         pair = _pair_params(windows)
         if pair is not None:
             # Usually both rows exist and one statement locks them. A new
-            # run or month creates its row first and locks again; if that
-            # meets another writer doing the same, PostgreSQL reports a
-            # deadlock and the transaction runs again.
-            cursor.execute(self._sql.lock_pair, pair)
-            rows = cursor.fetchall()
+            # run or month creates its row first and locks again, in one
+            # round trip; if that meets another writer doing the same,
+            # PostgreSQL reports a deadlock and the transaction runs again.
+            statements = [(self._sql.lock_pair, pair)]
+            (rows,) = pg.run(cursor.connection, statements)
             if len(rows) < 2:
-                cursor.execute(self._sql.create_pair, pair)
-                cursor.execute(self._sql.lock_pair, pair)
-                rows = cursor.fetchall()
+                statements.insert(0, (self._sql.create_pair, pair))
+                _created, rows = pg.run(cursor.connection, statements)
             return _states(windows[0][0], rows)
 
         found: dict[Window, tuple[Decimal, Decimal]] = {}
