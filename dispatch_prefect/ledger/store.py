@@ -855,54 +855,34 @@ class Ledger:
     def _settle_postgres(
         self, cursor: Any, key: ReservationKey, outcome: _Outcome
     ) -> tuple[Reservation, bool]:
-        """``_settle`` on PostgreSQL, in two round trips.
+        """``_settle`` on PostgreSQL: one statement and its commit, one round trip.
 
-        The first settles the reservation row if it is still reserved (the
-        update row-locks it) and then row-locks its windows, month before
-        run; the second writes the windows' totals and commits. So the
-        windows stay locked for the totals write and the commit only. A
+        The statement settles the reservation if it is still reserved and
+        moves the amounts in its windows' totals by SQL arithmetic, so no
+        round trip to the client happens while the windows are locked. A
         reservation already settled, or none, costs one more round trip to
         read it; nothing is written then.
         """
-        params = _key_params(key)
         change = {
-            **params,
+            **_key_params(key),
             "status": outcome.status.value,
             "actual_usd": money_param(outcome.actual_usd, self._dialect),
             "swept": outcome.swept,
             "unverified": outcome.unverified,
             "settled_at": time_param(outcome.at, self._dialect),
         }
-        updated, locked = pg.run(
-            cursor.connection,
-            [(self._sql.settle_first, change), (self._sql.lock_by_key, params)],
+        (updated,) = pg.run(
+            cursor.connection, [(self._sql.settle_moving, change)], commit=True
         )
-        if not updated:
-            current = self._select(cursor, key)
-            if current is None:
-                raise _unknown(key)
-            _check_settled_again(current, outcome)
-            return current, False
+        if updated:
+            return _reservation(updated[0]), True
 
-        settled = _reservation(updated[0])
-        windows = [
-            (settled.budget, BudgetWindow.MONTH.value, settled.month),
-            (settled.budget, BudgetWindow.RUN.value, key.root_run_id),
-        ]
-        states = _states(settled.budget, locked)
-        if len(states) < 2:  # pragma: no cover - reserve made both rows
-            states = self._lock_windows(cursor, windows)
-        _add(
-            states,
-            windows,
-            reserved_usd=-settled.bound_usd,
-            spent_usd=outcome.actual_usd or _ZERO,
-        )
-        self._finish(
-            cursor, [(self._sql.write_pair, self._pair_write(states, windows))]
-        )
+        current = self._select(cursor, key)
+        if current is None:
+            raise _unknown(key)
+        _check_settled_again(current, outcome)
 
-        return settled, True
+        return current, False
 
     def _sweep_one(
         self, reservation: Reservation, actual: Decimal | None
