@@ -10,9 +10,11 @@ new totals before it commits:
   totals rows of the windows, always in the same order (month before run;
   batches sorted by budget, window kind, window id), so two writers wait
   for each other and the second reads what the first committed. A single
-  reserve or settle writes its reservation row first (a reservation row
-  before its windows), so the windows stay locked for the totals write and
-  the commit only; each takes two round trips (see ``pg``). Missing rows
+  reserve writes its reservation row first (a reservation row before its
+  windows), so the windows stay locked for the totals write and the commit
+  only, in two round trips (see ``pg``). A settle decides nothing: one
+  statement settles the row and moves the amounts in the totals by exact
+  NUMERIC arithmetic, sent with its commit in one round trip. Missing rows
   are created first. A deadlock (possible only when two writers open the
   same new window at once, or a batch and a single reserve add the same
   key at once) or serialization failure runs the whole transaction again.
