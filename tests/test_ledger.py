@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -554,3 +557,42 @@ def test_a_writer_stuck_in_its_turn_fails_closed(
 
         reserve(ledger, "0.10")
         assert len(ledger.reservations()) == 1
+
+
+def _open_files(path: Path) -> int:
+    """How many file descriptors of this process point at ``path``."""
+    target = str(path.resolve())
+    count = 0
+    for entry in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(entry) == target
+
+    return count
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc"
+)
+def test_threads_that_end_do_not_leave_their_sqlite_connections_open(
+    tmp_path: Path,
+) -> None:
+    # A long-lived process runs each flow run's tasks on new threads.
+    database = tmp_path / "ledger.db"
+    cap = BudgetCap(run_usd=Decimal(100), month_usd=Decimal(100))
+    with Ledger.open(f"sqlite:///{database}") as ledger:
+
+        def one_task(number: int) -> None:
+            task = key(f"task-{number}")
+            ledger.reserve(task, budget=BUDGET, bound_usd=Decimal("0.10"), cap=cap)
+            ledger.reconcile(task, Decimal("0.05"))
+
+        for number in range(30):
+            thread = threading.Thread(target=one_task, args=(number,))
+            thread.start()
+            thread.join()
+
+        assert _open_files(database) <= 3
+        assert ledger.window_states(BUDGET, "run-1")[0] == BudgetState(
+            spent_usd=Decimal("1.50")
+        )
+    assert _open_files(database) == 0

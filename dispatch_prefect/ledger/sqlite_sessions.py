@@ -7,6 +7,12 @@ on return) cost more than that again, on every call. ``check``,
 connection per thread, opened through the engine (so it gets the ledger's
 pragmas from the engine's connect hook) and then detached from the pool.
 
+A thread that ends leaves its connection behind (Prefect's thread pools
+start new threads for every flow run), so whenever a thread opens one, the
+connections of threads that have ended are closed: a long-lived process
+keeps about one connection per live thread, not one per thread it ever
+ran.
+
 A forked child opens its own connections: a SQLite connection must not be
 used across ``fork``.
 """
@@ -18,6 +24,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
@@ -51,7 +58,8 @@ class SqliteSessions:
         self._where = where
         self._local = threading.local()
         self._guard = threading.Lock()
-        self._opened: list[Any] = []
+        # Each connection opened, with the thread and process that opened it.
+        self._opened: list[_Opened] = []
 
     def run(self, work: Callable[[sqlite3.Cursor], T], *, write: bool) -> T:
         """Run ``work(cursor)`` in one transaction on this thread's connection.
@@ -100,9 +108,9 @@ class SqliteSessions:
         with self._guard:
             opened, self._opened = self._opened, []
             self._local = threading.local()
-        for pooled in opened:
+        for entry in opened:
             with contextlib.suppress(Exception):
-                pooled.close()
+                entry.pooled.close()
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
@@ -112,9 +120,28 @@ class SqliteSessions:
         pooled = self._engine.raw_connection()
         connection = cast(sqlite3.Connection, pooled.dbapi_connection)
         pooled.detach()
+        opened = _Opened(pooled, threading.current_thread(), os.getpid())
         with self._guard:
-            self._opened.append(pooled)
+            ended = [entry for entry in self._opened if entry.ended()]
+            self._opened = [entry for entry in self._opened if not entry.ended()]
+            self._opened.append(opened)
+        for entry in ended:
+            with contextlib.suppress(Exception):
+                entry.pooled.close()
         local.connection = connection
-        local.pid = os.getpid()
+        local.pid = opened.pid
 
         return connection
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A kept connection and the thread (of which process) it belongs to."""
+
+    pooled: Any
+    thread: threading.Thread
+    pid: int
+
+    def ended(self) -> bool:
+        """Its thread in this process has ended: nothing can use it again."""
+        return self.pid == os.getpid() and not self.thread.is_alive()
