@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from dispatch_prefect.hooks import current_call, record_usage_usd
-from dispatch_prefect.policy import BackendKind, SecretMissingError, token_cost
+from dispatch_prefect.policy import BackendKind, token_cost
 from dispatch_prefect.policy.egress import log_egress_to
 
 __all__ = ["EgressRefused", "report_usage", "sdk_client"]
@@ -74,13 +74,7 @@ def sdk_client(
             "not an SDK backend: external API calls need allow_sdk=True and an "
             "sdk backend with a base_url"
         )
-    if backend.secret is None:
-        raise SecretMissingError(
-            f"SDK backend {backend.name!r} names no secret; set its secret "
-            "reference block"
-        )
-
-    key = backend.secret.resolve()
+    key = backend.read_key()
     value = f"Bearer {key}" if auth_header.lower() == "authorization" else key
     host = urlsplit(backend.base_url).hostname or backend.base_url
     origin = httpx.URL(backend.base_url)

@@ -46,6 +46,7 @@ from dispatch_prefect.policy import (
     BudgetState,
     CostRates,
     NoEligibleBackendError,
+    SecretMissingError,
     TokenRates,
     ToolRequirements,
     estimate_cost,
@@ -191,6 +192,20 @@ class RoutedBackend:
     pool_type: str | None = None
     base_url: str | None = None
     secret: SecretSource | None = field(default=None, repr=False)
+
+    def read_key(self) -> str:
+        """The key of this SDK backend, read from its secret reference now.
+
+        Raises:
+            SecretMissingError: the backend names no secret, or it is unset.
+        """
+        if self.secret is None:
+            raise SecretMissingError(
+                f"SDK backend {self.name!r} names no secret; set its secret "
+                "reference block"
+            )
+
+        return self.secret.resolve()
 
     @property
     def runs_on_cloud_run_l4(self) -> bool:
@@ -537,6 +552,16 @@ def _admit(spec: GateSpec, task_name: str) -> Plan:
         backend.kind.value,
         bound_usd,
     )
+
+    if backend.kind is BackendKind.SDK:
+        try:
+            # Dropped at once: a call that could not authenticate is refused
+            # before a person is asked or its bound is held for nothing.
+            backend.read_key()
+        except SecretMissingError as exc:
+            report.emit_refusal(spec, backend, bound_usd, str(exc), flow_run_id)
+            logger_.warning("refused %s: %s", spec.tool_id, exc)
+            raise
 
     decision = config.ledger.check(
         spec.budget,

@@ -277,7 +277,7 @@ def test_a_call_that_did_not_opt_in_is_refused_by_the_router(
     assert api.requests() == []
 
 
-def test_an_unset_key_refuses_the_call_before_anything_is_sent(
+def test_an_unset_key_refuses_the_call_before_anything_is_reserved(
     ledger: Ledger,
     api: LlmApi,
     monkeypatch: pytest.MonkeyPatch,
@@ -293,13 +293,14 @@ def test_an_unset_key_refuses_the_call_before_anything_is_sent(
     message = str(caught.value)
     assert f"(environment variable {KEY_VAR!r}) is unset or empty" in message
     assert "Bearer" not in message
-    assert any(entry.name == "sdk_client" for entry in caught.traceback)
     assert api.requests() == []
     assert not [r for r in caplog.records if r.name == "dispatch_prefect.egress"]
-
-    # Settled, not left reserved: with no usage reported the call is charged
-    # its bound, since the body may have reached the provider another way.
-    assert_charged_whole_bound(ledger, name)
+    # Refused at admission: nobody was asked, nothing was held or charged.
+    assert ledger.reservations(name) == []
+    assert any(
+        "refused summarize" in r.getMessage() and KEY_VAR in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_a_call_that_reports_no_usage_is_charged_its_whole_bound(
