@@ -42,10 +42,12 @@ __all__ = [
     "EXECUTOR_FLOW_NAME",
     "JobFailedError",
     "JobNeverStartedError",
+    "NotAdmittedError",
     "deploy_executor",
     "gated_call",
     "key_tag",
     "price_tag",
+    "require_admitted_start",
     "submit_async",
     "submit_sync",
 ]
@@ -53,6 +55,8 @@ __all__ = [
 logger = logging.getLogger("dispatch_prefect.submit")
 
 EXECUTOR_FLOW_NAME = "dispatch-gated-call"
+
+_KEY_TAG_PREFIX = "dispatch-key:"
 
 #: How long a job may wait in its pool's queue before it is called off
 #: (and its reservation released): no worker is serving the pool.
@@ -74,13 +78,17 @@ class JobFailedError(RuntimeError):
     """The job ran on its backend and did not complete."""
 
 
+class NotAdmittedError(GateError):
+    """A job flow run that no admitted gated call started; nothing runs."""
+
+
 class JobNeverStartedError(JobFailedError):
     """No worker picked the job up in time; nothing ran, nothing is charged."""
 
 
 def key_tag(plan: Plan) -> str:
     """The tag that ties a child flow run to its reservation."""
-    return f"dispatch-key:{plan.key.task_run_id}:{plan.key.attempt}"
+    return f"{_KEY_TAG_PREFIX}{plan.key.task_run_id}:{plan.key.attempt}"
 
 
 def price_tag(plan: Plan) -> str:
@@ -301,8 +309,13 @@ def gated_call(target: str, arguments: dict[str, Any], max_runtime_s: int) -> An
     """Run one admitted gated function on this worker, within its runtime.
 
     Started by the gate only: its parameters come from an approved,
-    reserved call.
+    reserved call. A run of this deployment started any other way (from
+    the UI, the CLI or the API) fails before the function is imported.
+
+    Raises:
+        NotAdmittedError: no running gated call started this flow run.
     """
+    require_admitted_start()
     function = resolve_target(target)
     if inspect.iscoroutinefunction(function):
         return asyncio.run(
@@ -311,6 +324,58 @@ def gated_call(target: str, arguments: dict[str, Any], max_runtime_s: int) -> An
 
     with timeout(max_runtime_s):
         return function(**arguments)
+
+
+def require_admitted_start() -> None:
+    """Let the running job flow run go on only if an admitted gated call started it.
+
+    The gate starts each job with the key tag of the gated task run and
+    attempt that reserved its bound, and an idempotency key ending in that
+    tag; the server keeps one flow run per flow and idempotency key. That
+    task run must still be running that attempt.
+
+    Raises:
+        NotAdmittedError: a tag or key is missing or does not match, or the
+            gated task run is unknown, finished or on another attempt.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import ObjectNotFound
+
+    context = FlowRunContext.get()
+    flow_run = None if context is None else context.flow_run
+    if flow_run is None:
+        raise NotAdmittedError("not inside a job flow run")
+
+    tags = [tag for tag in flow_run.tags if tag.startswith(_KEY_TAG_PREFIX)]
+    started_by_gate = len(tags) == 1 and (flow_run.idempotency_key or "").endswith(
+        f":{tags[0]}"
+    )
+    if not started_by_gate:
+        raise NotAdmittedError(
+            f"flow run {flow_run.id} carries no reservation: this deployment "
+            "runs only jobs started by a @gated_task call that was admitted "
+            "and reserved; call the gated task from a flow instead"
+        )
+
+    _prefix, task_run_id, attempt = tags[0].rsplit(":", 2)
+    try:
+        with get_client(sync_client=True) as client:
+            task_run = client.read_task_run(UUID(task_run_id))
+    except (ObjectNotFound, ValueError) as exc:
+        raise NotAdmittedError(
+            f"flow run {flow_run.id} names gated task run {task_run_id!r}, "
+            "which does not exist; nothing was run"
+        ) from exc
+
+    if (
+        task_run.state_type is not StateType.RUNNING
+        or str(task_run.run_count) != attempt
+    ):
+        raise NotAdmittedError(
+            f"flow run {flow_run.id} belongs to attempt {attempt} of gated task "
+            f"run {task_run_id}, which is {task_run.state_name} on attempt "
+            f"{task_run.run_count}; its reservation is over, so nothing was run"
+        )
 
 
 def deploy_executor(

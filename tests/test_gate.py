@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -554,3 +555,49 @@ def test_an_unreachable_ledger_refuses_and_nothing_runs(
     assert not marker.exists()
     assert "cannot be used right now" in str(caught.value)
     assert "hunter2" not in str(caught.value)
+
+
+def test_the_job_deployment_refuses_a_run_the_gate_did_not_start(
+    ledger: Ledger, pools: None, tmp_path: Path
+) -> None:
+    """Anyone can press "Run" on a deployment; no paid job may start that way."""
+    from prefect.deployments import run_deployment
+
+    from dispatch_prefect.submit import EXECUTOR_FLOW_NAME
+
+    marker = tmp_path / "ran"
+    by_hand = {
+        "target": "gated_jobs:count_attempt",
+        "arguments": {"marker": str(marker)},
+        "max_runtime_s": 60,
+    }
+    forged_tag = f"dispatch-key:{uuid.uuid4()}:1"
+    started = [
+        run_deployment(
+            f"{EXECUTOR_FLOW_NAME}/{CLOUD_POOL}", parameters=by_hand, timeout=120
+        ),
+        # A copied tag without the gate's idempotency key, and one with a key
+        # for a task run that does not exist, are refused too.
+        run_deployment(
+            f"{EXECUTOR_FLOW_NAME}/{CLOUD_POOL}",
+            parameters=by_hand,
+            tags=[forged_tag],
+            timeout=120,
+        ),
+        run_deployment(
+            f"{EXECUTOR_FLOW_NAME}/{CLOUD_POOL}",
+            parameters=by_hand,
+            tags=[forged_tag],
+            idempotency_key=f"someone:{forged_tag}",
+            timeout=120,
+        ),
+    ]
+
+    messages = []
+    for run in started:
+        assert run.state is not None and run.state.is_failed(), run.state
+        messages.append(run.state.message or "")
+    assert "carries no reservation" in messages[0]
+    assert "carries no reservation" in messages[1]
+    assert "does not exist; nothing was run" in messages[2]
+    assert not marker.exists()
