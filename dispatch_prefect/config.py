@@ -56,6 +56,7 @@ class GateConfig:
 CACHED_RUNS = 256
 
 _cache: OrderedDict[tuple[object, ...], GateConfig] = OrderedDict()
+# Open ledgers by database URL (kept in memory only: it may hold a password).
 _ledgers: dict[str, Ledger] = {}
 _lock = threading.Lock()
 
@@ -119,25 +120,34 @@ def _load(spec: GateSpec, flow_run_id: UUID) -> GateConfig:
 
 
 def open_ledger(name: str) -> Ledger:
-    """The ledger a ledger block names; the embedded file for a missing default."""
-    from dispatch_prefect.blocks import BlockNotFound, LedgerBlock, load_block
-    from dispatch_prefect.ledger import Ledger
+    """The ledger a ledger block names, as the block reads now.
 
-    with _lock:
-        if name in _ledgers:
-            return _ledgers[name]
+    A missing ``default`` block means the embedded file. The process keeps
+    one open ledger per database, not per block name, so a block edited to
+    point at another database is followed from the next flow run on, and
+    spend is never split between the old database and the new one by a
+    long-lived worker (runs already under way finish where they began).
+    """
+    from dispatch_prefect.blocks import BlockNotFound, LedgerBlock, load_block
+    from dispatch_prefect.ledger.engine import default_url
 
     try:
-        ledger = load_block(LedgerBlock, name).open_ledger()
+        block = load_block(LedgerBlock, name)
     except BlockNotFound:
         if name != "default":
             raise
-        ledger = Ledger.open(None)
+        block = LedgerBlock()
+    url = default_url() if block.url is None else block.url.get_secret_value()
 
     with _lock:
-        _ledgers.setdefault(name, ledger)
+        if url in _ledgers:
+            return _ledgers[url]
 
-        return _ledgers[name]
+    ledger = block.open_ledger()
+    with _lock:
+        _ledgers.setdefault(url, ledger)
+
+        return _ledgers[url]
 
 
 def load_backends(names: tuple[str, ...] | None) -> tuple[RoutedBackend, ...]:

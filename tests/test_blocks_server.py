@@ -384,3 +384,34 @@ def test_apply_keeps_the_ledger_url_secret(
     url = load_block(LedgerBlock, name).url
     assert url is not None
     assert url.get_secret_value() == "postgresql://g@db/other"
+
+
+def test_a_ledger_block_pointed_elsewhere_is_followed_by_a_running_process(
+    tmp_path: Path,
+) -> None:
+    # A long-lived worker must not keep writing to the database a block no
+    # longer names: the cap would be checked against half the spend.
+    from dispatch_prefect.config import open_ledger
+    from dispatch_prefect.ledger import ReservationKey
+    from dispatch_prefect.policy import BudgetCap
+
+    name = f"moving-ledger-{uuid.uuid4().hex[:8]}"
+    first, second = tmp_path / "first.db", tmp_path / "second.db"
+    LedgerBlock(url=f"sqlite:///{first}").save(name)
+    before = open_ledger(name)
+    assert open_ledger(name) is before
+
+    LedgerBlock(url=f"sqlite:///{second}").save(name, overwrite=True)
+    after = open_ledger(name)
+    cap = BudgetCap(run_usd=Decimal(1), month_usd=Decimal(1))
+    after.reserve(
+        ReservationKey("run-1", "task-1", 1),
+        budget="team",
+        bound_usd=Decimal("0.25"),
+        cap=cap,
+    )
+
+    assert after is not before
+    assert [r.bound_usd for r in after.reservations("team")] == [Decimal("0.25")]
+    assert before.reservations("team") == []
+    assert second.exists()
