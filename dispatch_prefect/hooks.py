@@ -235,10 +235,9 @@ def resolve_from_prefect(reservation: Reservation) -> Decimal | None:
     a child still running, a child without a price) is unknown: None, so
     the ledger charges the full bound and flags it.
     """
-    from dispatch_prefect.submit import child_runs_for
+    from dispatch_prefect.submit import child_runs_for, key_tag
 
-    tag = f"dispatch-key:{reservation.key.task_run_id}:{reservation.key.attempt}"
-    children = child_runs_for(tag)
+    children = child_runs_for(key_tag(reservation.key))
     if len(children) != 1:
         return None
 

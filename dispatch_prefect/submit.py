@@ -37,6 +37,7 @@ from dispatch_prefect.gate import GateError
 
 if TYPE_CHECKING:
     from dispatch_prefect.gate import Plan
+    from dispatch_prefect.ledger import ReservationKey
 
 __all__ = [
     "EXECUTOR_FLOW_NAME",
@@ -86,9 +87,9 @@ class JobNeverStartedError(JobFailedError):
     """No worker picked the job up in time; nothing ran, nothing is charged."""
 
 
-def key_tag(plan: Plan) -> str:
-    """The tag that ties a child flow run to its reservation."""
-    return f"{_KEY_TAG_PREFIX}{plan.key.task_run_id}:{plan.key.attempt}"
+def key_tag(key: ReservationKey) -> str:
+    """The tag that ties a child flow run to the reservation of ``key``."""
+    return f"{_KEY_TAG_PREFIX}{key.task_run_id}:{key.attempt}"
 
 
 def price_tag(plan: Plan) -> str:
@@ -194,8 +195,8 @@ def _run_on_pool(
             },
             job_variables=_job_variables(plan),
             timeout=0,
-            idempotency_key=f"{plan.key.root_run_id}:{key_tag(plan)}",
-            tags=[key_tag(plan), price_tag(plan), "dispatch-prefect"],
+            idempotency_key=f"{plan.key.root_run_id}:{key_tag(plan.key)}",
+            tags=[key_tag(plan.key), price_tag(plan), "dispatch-prefect"],
             flow_run_name=f"{plan.spec.tool_id}-{plan.key.attempt}",
         )
     except Exception as exc:
