@@ -19,6 +19,7 @@ from dispatch_prefect.ledger import (
     Ledger,
     ReservationKey,
     ReservationRequest,
+    ReservationSettled,
 )
 from dispatch_prefect.policy import BudgetCap
 from dispatch_prefect.policy.money import EXACT
@@ -97,6 +98,24 @@ def reserve_the_same_key(
     return {"label": made.label}
 
 
+def settle_the_same_key(
+    url: str, schema: str | None, index: int, ready: Any
+) -> dict[str, Any]:
+    """One process: reconcile (even) or release (odd) the one reservation."""
+    key = ReservationKey("run-a", "the-task", 1)
+    with Ledger.open(url, schema=schema, lock_timeout_s=60) as ledger:
+        ready.wait(timeout=120)
+        try:
+            if index % 2:
+                settled = ledger.release(key)
+            else:
+                settled = ledger.reconcile(key, Decimal("0.30") + index)
+        except ReservationSettled as exc:
+            return {"crossed": str(exc)}
+
+    return {"status": settled.status.value, "actual": str(settled.actual_usd)}
+
+
 def in_processes(target: Any, url: str, schema: str | None) -> list[dict[str, Any]]:
     """Run ``target`` in PROCESSES spawned processes released at once."""
     context = multiprocessing.get_context("spawn")
@@ -145,6 +164,32 @@ def test_many_processes_reserving_one_key_reserve_it_once(
         run_state, _month = ledger.window_states(BUDGET, "run-a")
         assert run_state.reserved_usd == Decimal("0.50")
         assert len(ledger.reservations()) == 1
+
+
+def test_many_processes_settling_one_reservation_settle_it_once(
+    database: tuple[str, str | None],
+) -> None:
+    url, schema = database
+    with Ledger.open(url, schema=schema) as ledger:
+        ledger.reserve(
+            ReservationKey("run-a", "the-task", 1),
+            budget=BUDGET,
+            bound_usd=Decimal("0.50"),
+            cap=CAP,
+        )
+
+    outcomes = in_processes(settle_the_same_key, url, schema)
+
+    # One settle won; every other saw that outcome or was refused crossing it.
+    settled = {(o["status"], o["actual"]) for o in outcomes if "status" in o}
+    assert len(settled) == 1
+    [(status, actual)] = settled
+    with Ledger.open(url, schema=schema) as ledger:
+        run_state, month_state = ledger.window_states(BUDGET, "run-a")
+        spent = Decimal(0) if status == "released" else Decimal(actual)
+        assert run_state == month_state
+        assert run_state.reserved_usd == 0
+        assert run_state.spent_usd == spent
 
 
 def test_100000_sub_cent_amounts_sum_exactly(
