@@ -28,7 +28,7 @@ from uuid import UUID
 from prefect import Task, flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, StateType, TaskRun
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 from prefect.utilities.timeout import timeout, timeout_async
@@ -58,6 +58,10 @@ logger = logging.getLogger("dispatch_prefect.submit")
 EXECUTOR_FLOW_NAME = "dispatch-gated-call"
 
 _KEY_TAG_PREFIX = "dispatch-key:"
+
+#: How long a job looks for its gated task run to be recorded as running
+#: the attempt that started it, before it refuses to run.
+ADMISSION_WAIT_S = 10
 
 #: How long a job may wait in its pool's queue before it is called off
 #: (and its reservation released): no worker is serving the pool.
@@ -340,7 +344,6 @@ def require_admitted_start() -> None:
             gated task run is unknown, finished or on another attempt.
     """
     from prefect.context import FlowRunContext
-    from prefect.exceptions import ObjectNotFound
 
     context = FlowRunContext.get()
     flow_run = None if context is None else context.flow_run
@@ -360,23 +363,51 @@ def require_admitted_start() -> None:
 
     _prefix, task_run_id, attempt = tags[0].rsplit(":", 2)
     try:
-        with get_client(sync_client=True) as client:
-            task_run = client.read_task_run(UUID(task_run_id))
-    except (ObjectNotFound, ValueError) as exc:
+        task_run = _running_attempt(UUID(task_run_id), int(attempt))
+    except ValueError as exc:
         raise NotAdmittedError(
-            f"flow run {flow_run.id} names gated task run {task_run_id!r}, "
-            "which does not exist; nothing was run"
+            f"flow run {flow_run.id} has a malformed tag {tags[0]!r}; nothing was run"
         ) from exc
-
-    if (
-        task_run.state_type is not StateType.RUNNING
-        or str(task_run.run_count) != attempt
+    if task_run is None:
+        raise NotAdmittedError(
+            f"flow run {flow_run.id} names gated task run {task_run_id}, "
+            "which does not exist; nothing was run"
+        )
+    if task_run.state_type is not StateType.RUNNING or task_run.run_count != int(
+        attempt
     ):
         raise NotAdmittedError(
             f"flow run {flow_run.id} belongs to attempt {attempt} of gated task "
             f"run {task_run_id}, which is {task_run.state_name} on attempt "
             f"{task_run.run_count}; its reservation is over, so nothing was run"
         )
+
+
+def _running_attempt(task_run_id: UUID, attempt: int) -> TaskRun | None:
+    """The gated task run as the server has it, once it shows ``attempt`` running.
+
+    The server records task run states from events, a moment after they
+    happen, so a job that starts quickly may find its gated task not yet
+    recorded, or on its previous attempt: it looks again for up to
+    ``ADMISSION_WAIT_S`` before it takes what it sees as the answer.
+    """
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + ADMISSION_WAIT_S
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                task_run: TaskRun | None = client.read_task_run(task_run_id)
+            except ObjectNotFound:
+                task_run = None
+            running = (
+                task_run is not None
+                and task_run.state_type is StateType.RUNNING
+                and task_run.run_count == attempt
+            )
+            if running or time.monotonic() > deadline:
+                return task_run
+            time.sleep(0.5)
 
 
 def deploy_executor(
