@@ -123,8 +123,7 @@ class SqliteSessions:
         opened = _Opened(pooled, threading.current_thread(), os.getpid())
         with self._guard:
             ended = [entry for entry in self._opened if entry.ended()]
-            self._opened = [entry for entry in self._opened if not entry.ended()]
-            self._opened.append(opened)
+            self._opened = [e for e in self._opened if e not in ended] + [opened]
         for entry in ended:
             with contextlib.suppress(Exception):
                 entry.pooled.close()
