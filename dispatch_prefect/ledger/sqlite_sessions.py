@@ -15,6 +15,10 @@ ran.
 
 A forked child opens its own connections: a SQLite connection must not be
 used across ``fork``.
+
+``run_step`` runs the hot writes (reserve and settle) through the
+database's ``WriteGroup``: one writer commits the steps of the others
+waiting, in one transaction and one fsync (see ``group_commit``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -35,10 +40,20 @@ from dispatch_prefect.ledger.engine import (
     describe_driver_failure,
     describe_failure,
 )
+from dispatch_prefect.ledger.errors import LedgerError, LedgerUnavailable
+from dispatch_prefect.ledger.group_commit import (
+    LEAD_FOR_S,
+    Leadership,
+    Request,
+    WriteGroup,
+)
 
-__all__ = ["SqliteSessions"]
+__all__ = ["SqliteSessions", "Step"]
 
 T = TypeVar("T")
+
+# ``step(cursor, body) -> answer``, JSON in and out; see ``group_commit``.
+Step = Callable[[sqlite3.Cursor, Any], Any]
 
 
 class SqliteSessions:
@@ -51,8 +66,12 @@ class SqliteSessions:
         writers: WriterQueue | None,
         lock_timeout_s: float,
         where: str,
+        steps: Mapping[str, Step] | None = None,
+        group: WriteGroup | None = None,
     ) -> None:
         self._engine = engine
+        self._steps = dict(steps or {})
+        self._group = group
         self._writers = writers
         self._lock_timeout_s = lock_timeout_s
         self._where = where
@@ -103,6 +122,43 @@ class SqliteSessions:
 
         return result
 
+    def run_step(self, step: str, body: Any) -> Any:
+        """Run the registered ``step`` in a write transaction; its answer.
+
+        With a group, the step is committed by whichever writer leads, this
+        one or another; without, it runs alone like ``run``.
+
+        Raises:
+            LedgerUnavailable: the lock was not had before the timeout.
+            LedgerError: any other database failure; nothing was changed.
+        """
+        if self._group is None:
+            work = self._steps[step]
+            return self.run(lambda cursor: work(cursor, body), write=True)
+
+        request = Request(step, body, time.monotonic() + self._lock_timeout_s)
+        for tries in range(1, 1_000_000):
+            leadership = self._group.lead()
+            if leadership is not None:
+                with leadership:
+                    return self._lead(leadership, request)
+            try:
+                answer = self._group.ask(request)
+            except TimeoutError:
+                raise LedgerUnavailable(
+                    f"the ledger at {self._where} did not answer in time; the "
+                    "step may or may not have been committed: calling it again "
+                    "with the same key is safe"
+                ) from None
+            if answer is not None:
+                return self._unpack(answer)
+            if time.monotonic() >= request.deadline:
+                break
+            # The leader is between binding and listening, or just left.
+            time.sleep(min(0.0001 * tries, 0.002))
+
+        raise self._timed_out()
+
     def close(self) -> None:
         """Close every connection opened so far; threads open new ones if used."""
         with self._guard:
@@ -111,6 +167,94 @@ class SqliteSessions:
         for entry in opened:
             with contextlib.suppress(Exception):
                 entry.pooled.close()
+
+    def _lead(self, leadership: Leadership, own: Request) -> Any:
+        """Commit rounds of steps, this writer's own first; its answer."""
+        connection = self._connection()
+        started = time.monotonic()
+        answer: Any = None
+        turn: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if self._writers is not None:
+            turn = self._writers.turn(timeout_s=max(own.deadline - started, 0.001))
+        with turn:
+            batch = [own]
+            while batch:
+                for request, outcome in zip(
+                    batch, self._commit_round(connection, batch), strict=True
+                ):
+                    if request.peer is None:
+                        answer = outcome
+                    else:
+                        leadership.answer(request, outcome)
+                if time.monotonic() - started >= LEAD_FOR_S:
+                    break
+                batch = leadership.collect()
+
+        return self._unpack(answer)
+
+    def _commit_round(
+        self, connection: sqlite3.Connection, batch: list[Request]
+    ) -> list[dict[str, Any]]:
+        """Run each step of ``batch`` in its savepoint; one commit for all."""
+        cursor = connection.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+            outcomes = [self._run_in_savepoint(cursor, r) for r in batch]
+            cursor.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.rollback()
+            return [_failure(exc)] * len(batch)
+        except BaseException:
+            if connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.rollback()
+            raise
+        finally:
+            cursor.close()
+
+        return outcomes
+
+    def _run_in_savepoint(
+        self, cursor: sqlite3.Cursor, request: Request
+    ) -> dict[str, Any]:
+        if request.peer is not None and time.monotonic() >= request.deadline:
+            return {"expired": True}
+        work = self._steps.get(request.step)
+        if work is None:
+            return {"error": f"no step named {request.step!r}", "unavailable": False}
+
+        cursor.execute("SAVEPOINT step")
+        try:
+            answer = {"ok": work(cursor, request.body)}
+        except Exception as exc:
+            cursor.execute("ROLLBACK TO step")
+            answer = _failure(exc)
+        cursor.execute("RELEASE step")
+
+        return answer
+
+    def _unpack(self, answer: dict[str, Any]) -> Any:
+        if "ok" in answer:
+            return answer["ok"]
+        if "expired" in answer:
+            raise self._timed_out()
+        message = str(answer.get("error", "no answer"))
+        if answer.get("unavailable"):
+            raise LedgerUnavailable(
+                f"the ledger at {self._where} cannot be used right now "
+                f"({message}); check that the database is reachable and not "
+                "held by a long transaction, then retry; nothing was changed"
+            )
+        raise LedgerError(f"the ledger at {self._where} failed: {message}")
+
+    def _timed_out(self) -> LedgerUnavailable:
+        return LedgerUnavailable(
+            f"the ledger at {self._where} stayed locked for more than "
+            f"{self._lock_timeout_s} s; check for a stuck process using the "
+            "ledger, then retry; nothing was changed"
+        )
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
@@ -131,6 +275,17 @@ class SqliteSessions:
         local.pid = opened.pid
 
         return connection
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    """The answer for a step or a round that failed: nothing was changed."""
+    detail = str(exc).strip().splitlines()
+    reason = detail[0] if detail else exc.__class__.__name__
+
+    return {
+        "error": reason,
+        "unavailable": isinstance(exc, sqlite3.OperationalError | LedgerUnavailable),
+    }
 
 
 @dataclass(frozen=True)

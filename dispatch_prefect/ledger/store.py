@@ -59,6 +59,7 @@ from dispatch_prefect.ledger.errors import (
     ReservationSettled,
     UnknownReservation,
 )
+from dispatch_prefect.ledger.group_commit import WriteGroup
 from dispatch_prefect.ledger.records import (
     MonthTotal,
     Reservation,
@@ -204,6 +205,8 @@ class Ledger:
                 writers=self._writers,
                 lock_timeout_s=lock_timeout_s,
                 where=where,
+                steps=_STEPS,
+                group=WriteGroup.for_database(Path(database)) if database else None,
             )
         )
 
@@ -370,6 +373,14 @@ class Ledger:
             plan = plans[0]
             made = plan.reservation()
             row = self._params(made)
+            if self._sessions is not None:
+                body = {
+                    "row": row,
+                    "run_cap": str(plan.cap.run_usd),
+                    "month_cap": str(plan.cap.month_usd),
+                }
+                answer = self._sessions.run_step("reserve", body)
+                return [_reserved(plan, made, answer)]
             return [
                 self._run(lambda cursor: self._reserve_one(cursor, plan, made, row))
             ]
@@ -640,9 +651,6 @@ class Ledger:
         row: dict[str, object],
     ) -> Reservation:
         windows = [plan.month_window, plan.run_window]
-        if not self._postgres:
-            return self._reserve_one_sqlite(cursor, plan, reservation, row)
-
         states, found = self._claim_and_lock(cursor, windows, plan.key, row)
         if found is not None:
             # A replay of a key already reserved is not a new reservation.
@@ -659,60 +667,10 @@ class Ledger:
 
         return reservation
 
-    def _reserve_one_sqlite(
-        self,
-        cursor: Any,
-        plan: _Plan,
-        reservation: Reservation,
-        row: dict[str, object],
-    ) -> Reservation:
-        """``_reserve_one`` under SQLite's write lock, in three statements.
-
-        The lock is already held, so the key is looked up only when the
-        usual path cannot settle it: the insert of an admitted reservation
-        changes no row when the key is already there (a replay, returned as
-        it was), and a refusal first looks for a reservation to return.
-        Everything that does not depend on the totals was prepared before
-        the lock was taken.
-        """
-        pair = {"budget": plan.budget, "month": plan.month, "run": plan.key.root_run_id}
-        cursor.execute(self._sql.read_pair, pair)
-        found = {kind: (reserved, spent) for kind, _id, reserved, spent in cursor}
-        month = _totals_of(found.get(_MONTH))
-        run = _totals_of(found.get(_RUN))
-        decision = admits(
-            plan.bound_usd,
-            BudgetState(reserved_usd=run[0], spent_usd=run[1]),
-            BudgetState(reserved_usd=month[0], spent_usd=month[1]),
-            plan.cap,
-        )
-        if not decision.admitted:
-            replayed = self._select(cursor, plan.key)
-            if replayed is not None:
-                return replayed
-            raise _refusal(plan, decision)
-
-        cursor.execute(self._sql.insert_if_new, row)
-        if cursor.rowcount == 0:
-            return _reservation_or_fail(self._select(cursor, plan.key))
-
-        pair["month_reserved"] = format(EXACT.add(month[0], plan.bound_usd), "f")
-        pair["month_spent"] = format(month[1], "f")
-        pair["run_reserved"] = format(EXACT.add(run[0], plan.bound_usd), "f")
-        pair["run_spent"] = format(run[1], "f")
-        cursor.execute(self._sql.write_pair, pair)
-
-        return reservation
-
     def _settle_sqlite(
         self, sessions: SqliteSessions, key: ReservationKey, outcome: _Outcome
     ) -> tuple[Reservation, bool]:
-        """``_settle`` on SQLite: one read and two writes under the write lock.
-
-        The reservation and its two windows' totals come back in one
-        statement; the settled reservation is built after the commit, from
-        the row read under the lock.
-        """
+        """``_settle`` on SQLite, as the step ``settle`` (``_settle_step``)."""
         actual = outcome.actual_usd
         change: dict[str, object] = {
             **_key_params(key),
@@ -722,37 +680,11 @@ class Ledger:
             "unverified": outcome.unverified,
             "settled_at": time_param(outcome.at, self._dialect),
         }
-
-        def work(cursor: Any) -> tuple[Sequence[Any], bool]:
-            cursor.execute(self._sql.select_with_windows, change)
-            row = cursor.fetchone()
-            if row is None:
-                raise _unknown(key)
-            if row[_STATUS_AT] != ReservationStatus.RESERVED.value:
-                return row, False
-
-            bound = Decimal(row[_BOUND_AT])
-            month = _totals_of(row[_WIDTH : _WIDTH + 2])
-            run = _totals_of(row[_WIDTH + 2 :])
-            spent = actual or _ZERO
-            change["overrun"] = actual is not None and actual > bound
-            cursor.execute(self._sql.settle, change)
-            pair = {
-                "budget": row[_BUDGET_AT],
-                "month": row[_MONTH_AT],
-                "run": key.root_run_id,
-                "month_reserved": format(EXACT.subtract(month[0], bound), "f"),
-                "month_spent": format(EXACT.add(month[1], spent), "f"),
-                "run_reserved": format(EXACT.subtract(run[0], bound), "f"),
-                "run_spent": format(EXACT.add(run[1], spent), "f"),
-            }
-            cursor.execute(self._sql.write_pair, pair)
-
-            return row, True
-
-        row, changed = sessions.run(work, write=True)
-        current = _reservation(row[:_WIDTH])
-        if not changed:
+        answer = sessions.run_step("settle", change)
+        if answer[0] == "unknown":
+            raise _unknown(key)
+        current = _reservation(answer[1])
+        if answer[0] == "unchanged":
             _check_settled_again(current, outcome)
             return current, False
 
@@ -760,7 +692,7 @@ class Ledger:
             current,
             status=outcome.status,
             actual_usd=actual,
-            overrun=bool(change["overrun"]),
+            overrun=bool(answer[2]),
             swept=outcome.swept,
             unverified=outcome.unverified,
             settled_at=outcome.at,
@@ -1037,6 +969,119 @@ class Ledger:
         rows = self._transact(lambda conn: conn.execute(query).all(), write=False)
 
         return [_reservation(row) for row in rows]
+
+
+def _reserve_step(cursor: Any, body: dict[str, Any]) -> list[Any]:
+    """SQLite, under the write lock: decide and record one reservation.
+
+    ``body``: ``row``, the reservation's columns as stored, and the caps as
+    ``run_cap`` and ``month_cap``. Three statements when admitted: the
+    insert of an admitted reservation changes no row when the key is
+    already there (a replay, returned as it was), and a refusal first looks
+    for a reservation to return.
+
+    Returns:
+        ``["made"]``; ``["found", row]`` for a key already reserved; or
+        ``["refused", window, reason]``, with nothing written.
+    """
+    row = body["row"]
+    pair = {"budget": row["budget"], "month": row["month"], "run": row["root_run_id"]}
+    cursor.execute(_SQLITE.read_pair, pair)
+    found = {kind: (reserved, spent) for kind, _id, reserved, spent in cursor}
+    month = _totals_of(found.get(_MONTH))
+    run = _totals_of(found.get(_RUN))
+    bound = Decimal(row["bound_usd"])
+    cap = BudgetCap(
+        run_usd=Decimal(body["run_cap"]), month_usd=Decimal(body["month_cap"])
+    )
+    decision = admits(
+        bound,
+        BudgetState(reserved_usd=run[0], spent_usd=run[1]),
+        BudgetState(reserved_usd=month[0], spent_usd=month[1]),
+        cap,
+    )
+    key = {
+        "k_root": row["root_run_id"],
+        "k_task": row["task_run_id"],
+        "k_attempt": row["attempt"],
+    }
+    if not decision.admitted:
+        cursor.execute(_SQLITE.select_one, key)
+        replayed = cursor.fetchone()
+        if replayed is not None:
+            return ["found", list(replayed)]
+        window = decision.refused_window
+        return ["refused", None if window is None else window.value, decision.reason]
+
+    cursor.execute(_SQLITE.insert_if_new, row)
+    if cursor.rowcount == 0:
+        cursor.execute(_SQLITE.select_one, key)
+        return ["found", list(cursor.fetchone())]
+
+    pair["month_reserved"] = format(EXACT.add(month[0], bound), "f")
+    pair["month_spent"] = format(month[1], "f")
+    pair["run_reserved"] = format(EXACT.add(run[0], bound), "f")
+    pair["run_spent"] = format(run[1], "f")
+    cursor.execute(_SQLITE.write_pair, pair)
+
+    return ["made"]
+
+
+def _settle_step(cursor: Any, change: dict[str, Any]) -> list[Any]:
+    """SQLite, under the write lock: settle one reservation if still reserved.
+
+    One read (the reservation and its two windows' totals) and two writes.
+
+    Returns:
+        ``["settled", row, overrun]`` with the row as it was before;
+        ``["unchanged", row]`` when it was settled already; ``["unknown"]``.
+    """
+    cursor.execute(_SQLITE.select_with_windows, change)
+    row = cursor.fetchone()
+    if row is None:
+        return ["unknown"]
+    if row[_STATUS_AT] != ReservationStatus.RESERVED.value:
+        return ["unchanged", list(row[:_WIDTH])]
+
+    bound = Decimal(row[_BOUND_AT])
+    actual = None if change["actual_usd"] is None else Decimal(change["actual_usd"])
+    month = _totals_of(row[_WIDTH : _WIDTH + 2])
+    run = _totals_of(row[_WIDTH + 2 :])
+    spent = actual or _ZERO
+    overrun = actual is not None and actual > bound
+    cursor.execute(_SQLITE.settle, {**change, "overrun": overrun})
+    pair = {
+        "budget": row[_BUDGET_AT],
+        "month": row[_MONTH_AT],
+        "run": change["k_root"],
+        "month_reserved": format(EXACT.subtract(month[0], bound), "f"),
+        "month_spent": format(EXACT.add(month[1], spent), "f"),
+        "run_reserved": format(EXACT.subtract(run[0], bound), "f"),
+        "run_spent": format(EXACT.add(run[1], spent), "f"),
+    }
+    cursor.execute(_SQLITE.write_pair, pair)
+
+    return ["settled", list(row[:_WIDTH]), overrun]
+
+
+_SQLITE = HotSql.for_dialect("sqlite")
+_STEPS = {"reserve": _reserve_step, "settle": _settle_step}
+
+
+def _reserved(plan: _Plan, made: Reservation, answer: list[Any]) -> Reservation:
+    """The reservation ``_reserve_step`` answered for, or its refusal raised."""
+    if answer[0] == "made":
+        return made
+    if answer[0] == "found":
+        return _reservation(answer[1])
+
+    _refused, window, reason = answer
+    decision = AdmissionDecision(
+        admitted=False,
+        refused_window=None if window is None else BudgetWindow(window),
+        reason=reason,
+    )
+    raise _refusal(plan, decision)
 
 
 def _plan(request: ReservationRequest, *, now: datetime) -> _Plan:

@@ -1,0 +1,280 @@
+"""Group commit on SQLite: the writer holding the lock commits for the others.
+
+Every reserve and every settle must be on disk before it returns. On SQLite
+that is an fsync of the WAL per commit, and, worse with several processes,
+a cold page cache: in WAL mode a connection empties its cache whenever
+another connection has committed, so writers taking turns re-read their
+B-tree pages on every transaction. Writers of one database file on one
+machine therefore form a group:
+
+- The first writer to bind the group's socket leads. It takes its turn in
+  the ``WriterQueue`` and the write lock (``BEGIN IMMEDIATE``), runs its own
+  step and the steps other writers sent it, each in a savepoint of the one
+  transaction, commits once and only then answers each: an answer always
+  means the change is on disk. While more requests wait it runs another
+  round, for up to ``LEAD_FOR_S``, then closes the socket.
+- Every other writer connects, sends its step (a name and a JSON body), and
+  waits for the answer.
+
+A step is ``step(cursor, body) -> JSON value``, registered by name. It
+decides under the write lock from what it reads and writes nothing before
+it refuses; a refusal is an answer, not an error.
+
+Failures lose nothing and double nothing:
+
+- A writer whose connection closes before an answer runs its step again
+  from the start (it may lead this time). Every step is idempotent on its
+  reservation key, so if the leader died after its commit, the second run
+  finds the reservation made, or settled, and returns it.
+- A leader that cannot commit rolls back and answers every request of the
+  round with the error: nothing was changed.
+- A request carries its writer's deadline. A leader that reaches it too
+  late (it waited for its own turn) answers that it expired, without
+  running it, so a writer that gave up never has its step run afterwards.
+
+The socket lives in Linux's abstract namespace, named after the database
+file's device and inode: it goes away with the process that bound it, so
+a crashed leader leaves nothing behind, and only connections from the same
+user are served. Elsewhere than Linux there is no group and writers take
+turns one commit each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LEAD_FOR_S", "Request", "WriteGroup"]
+
+# Version of the messages below; groups of other versions never meet.
+PROTOCOL = 1
+# How long one writer keeps leading while requests keep coming. Its own
+# caller waits that long at most; its page cache stays warm meanwhile.
+LEAD_FOR_S = 0.02
+# How long past its own deadline a writer waits for the answer of a step
+# the leader may already have committed.
+ANSWER_GRACE_S = 5.0
+# The longest a leader waits for the rest of a request it has begun to read.
+_READ_TIMEOUT_S = 1.0
+_HEADER = struct.Struct("!I")
+_MAX_FRAME = 1 << 20
+_CREDENTIALS = struct.Struct("3i")
+
+# Listening sockets of this process, closed in a forked child: a child that
+# kept one would hold the group's name with nobody answering.
+_LISTENERS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def _close_inherited_listeners() -> None:
+    for listener in list(_LISTENERS):
+        listener.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_listeners)
+
+
+@dataclass
+class Request:
+    """One step to run: the leader's own (``peer`` None) or a writer's."""
+
+    step: str
+    body: Any
+    deadline: float
+    peer: socket.socket | None = None
+
+
+class WriteGroup:
+    """The writers of one SQLite database file on this machine."""
+
+    def __init__(self, name: bytes) -> None:
+        self._name = name
+
+    @classmethod
+    def for_database(cls, database: Path) -> WriteGroup | None:
+        """The group of ``database``, or None where there can be none."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            found = os.stat(database)
+        except OSError:
+            return None
+
+        name = f"\0dispatch-prefect-ledger/{PROTOCOL}/{found.st_dev}/{found.st_ino}"
+        return cls(name.encode())
+
+    def lead(self) -> Leadership | None:
+        """Become the leader, or None when another writer leads now."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self._name)
+        except OSError:
+            listener.close()
+            return None
+        _LISTENERS.add(listener)
+        listener.listen(128)
+        listener.setblocking(False)
+
+        return Leadership(listener)
+
+    def ask(self, request: Request) -> Any | None:
+        """Send ``request`` to the leader and return its answer.
+
+        Returns None when no leader took the request: there was none, or it
+        closed before answering. The caller runs the step again.
+
+        Raises:
+            TimeoutError: no answer came by the deadline and the grace after
+                it; the step may or may not have been committed.
+        """
+        frame = _frame(
+            {"step": request.step, "body": request.body, "deadline": request.deadline}
+        )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            try:
+                connection.connect(self._name)
+            except OSError:
+                return None
+            connection.settimeout(
+                max(request.deadline - time.monotonic(), 0.0) + ANSWER_GRACE_S
+            )
+            try:
+                connection.sendall(frame)
+                answer = _read_frame(connection)
+            except TimeoutError:
+                raise
+            except OSError:
+                return None
+
+        return None if answer is None else json.loads(answer)
+
+
+class Leadership:
+    """The listening socket of the leader and the writers it has accepted."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self._listener = listener
+        self._accepted: list[socket.socket] = []
+
+    def __enter__(self) -> Leadership:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop leading. Writers not answered see their connection close."""
+        _LISTENERS.discard(self._listener)
+        self._listener.close()
+        for connection in self._accepted:
+            connection.close()
+        self._accepted = []
+
+    def collect(self, *, wait_s: float = 0.0) -> list[Request]:
+        """The requests sent so far, waiting up to ``wait_s`` for a first one."""
+        self._accept()
+        requests = self._read_ready(0.0)
+        if not requests and wait_s > 0:
+            ready = select.select([self._listener, *self._accepted], [], [], wait_s)
+            if ready[0]:
+                self._accept()
+                requests = self._read_ready(0.0)
+
+        return requests
+
+    def answer(self, request: Request, answer: Any) -> None:
+        """Send ``answer`` to the writer of ``request`` and hang up."""
+        peer = request.peer
+        if peer is None:
+            return
+        try:
+            peer.sendall(_frame(answer))
+        except OSError:
+            pass  # that writer is gone; it runs its step again if it can
+        finally:
+            peer.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                peer, _address = self._listener.accept()
+            except BlockingIOError:
+                return
+            credentials = peer.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size
+            )
+            _pid, uid, _gid = _CREDENTIALS.unpack(credentials)
+            if uid != os.getuid():
+                peer.close()
+                continue
+            peer.settimeout(_READ_TIMEOUT_S)
+            self._accepted.append(peer)
+
+    def _read_ready(self, wait_s: float) -> list[Request]:
+        if not self._accepted:
+            return []
+        ready, _w, _x = select.select(self._accepted, [], [], wait_s)
+        requests = []
+        for peer in ready:
+            self._accepted.remove(peer)
+            request = _read_request(peer)
+            if request is None:
+                peer.close()
+            else:
+                requests.append(request)
+
+        return requests
+
+
+def _read_request(peer: socket.socket) -> Request | None:
+    try:
+        frame = _read_frame(peer)
+        if frame is None:
+            return None
+        message = json.loads(frame)
+        return Request(
+            step=str(message["step"]),
+            body=message["body"],
+            deadline=float(message["deadline"]),
+            peer=peer,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _frame(message: Any) -> bytes:
+    payload = json.dumps(message, separators=(",", ":")).encode()
+
+    return _HEADER.pack(len(payload)) + payload
+
+
+def _read_frame(connection: socket.socket) -> bytes | None:
+    """One length-prefixed message; None when the other side hung up."""
+    header = _read_exactly(connection, _HEADER.size)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size > _MAX_FRAME:
+        return None
+
+    return _read_exactly(connection, size)
+
+
+def _read_exactly(connection: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray()
+    while len(buffer) < size:
+        chunk = connection.recv(size - len(buffer))
+        if not chunk:
+            return None
+        buffer += chunk
+
+    return bytes(buffer)
