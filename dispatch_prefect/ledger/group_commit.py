@@ -47,6 +47,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class WriteGroup:
 
     def __init__(self, name: bytes) -> None:
         self._name = name
+        self._local = threading.local()
 
     @classmethod
     def for_database(cls, database: Path) -> WriteGroup | None:
@@ -129,8 +131,11 @@ class WriteGroup:
     def ask(self, request: Request) -> Any | None:
         """Send ``request`` to the leader and return its answer.
 
+        Each thread keeps its connection to the leader for its next
+        request; a leader that stops leading closes them all.
+
         Returns None when no leader took the request: there was none, or it
-        closed before answering. The caller runs the step again.
+        stopped leading before answering. The caller runs the step again.
 
         Raises:
             TimeoutError: no answer came by the deadline and the grace after
@@ -139,23 +144,36 @@ class WriteGroup:
         frame = _frame(
             {"step": request.step, "body": request.body, "deadline": request.deadline}
         )
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None or self._local.pid != os.getpid():
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 connection.connect(self._name)
             except OSError:
+                connection.close()
                 return None
-            connection.settimeout(
-                max(request.deadline - time.monotonic(), 0.0) + ANSWER_GRACE_S
-            )
-            try:
-                connection.sendall(frame)
-                answer = _read_frame(connection)
-            except TimeoutError:
-                raise
-            except OSError:
-                return None
+            self._local.connection = connection
+            self._local.pid = os.getpid()
+        connection.settimeout(
+            max(request.deadline - time.monotonic(), 0.0) + ANSWER_GRACE_S
+        )
+        try:
+            connection.sendall(frame)
+            answer = _read_frame(connection)
+        except TimeoutError:
+            self._hang_up(connection)
+            raise
+        except OSError:
+            answer = None
+        if answer is None:
+            self._hang_up(connection)
+            return None
 
-        return None if answer is None else json.loads(answer)
+        return json.loads(answer)
+
+    def _hang_up(self, connection: socket.socket) -> None:
+        connection.close()
+        self._local.connection = None
 
 
 class Leadership:
@@ -163,7 +181,10 @@ class Leadership:
 
     def __init__(self, listener: socket.socket) -> None:
         self._listener = listener
-        self._accepted: list[socket.socket] = []
+        # Writers connected and waiting for their next request or answer.
+        self._connected: list[socket.socket] = []
+        # Writers whose request is being run: they are answered next.
+        self._busy: list[socket.socket] = []
 
     def __enter__(self) -> Leadership:
         return self
@@ -175,40 +196,59 @@ class Leadership:
         """Stop leading. Writers not answered see their connection close."""
         _LISTENERS.discard(self._listener)
         self._listener.close()
-        for connection in self._accepted:
+        for connection in self._connected + self._busy:
             connection.close()
-        self._accepted = []
+        self._connected, self._busy = [], []
 
     def collect(self, *, wait_s: float = 0.0) -> list[Request]:
         """The requests sent so far, waiting up to ``wait_s`` for a first one."""
-        self._accept()
         requests = self._read_ready(0.0)
         if not requests and wait_s > 0:
-            ready = select.select([self._listener, *self._accepted], [], [], wait_s)
-            if ready[0]:
-                self._accept()
-                requests = self._read_ready(0.0)
+            requests = self._read_ready(wait_s)
 
         return requests
 
     def answer(self, request: Request, answer: Any) -> None:
-        """Send ``answer`` to the writer of ``request`` and hang up."""
+        """Send ``answer`` to the writer of ``request``."""
         peer = request.peer
         if peer is None:
             return
+        self._busy.remove(peer)
         try:
             peer.sendall(_frame(answer))
         except OSError:
-            pass  # that writer is gone; it runs its step again if it can
-        finally:
-            peer.close()
+            peer.close()  # that writer is gone; it runs its step again if it can
+        else:
+            self._connected.append(peer)
 
-    def _accept(self) -> None:
+    def _read_ready(self, wait_s: float) -> list[Request]:
+        """One request from each writer that has sent one."""
+        ready = _readable([self._listener, *self._connected], wait_s)
+        if self._listener in ready:
+            # Writers accepted just now may have sent already.
+            fresh = self._accept()
+            ready = [p for p in ready if p is not self._listener]
+            ready += _readable(fresh, 0.0)
+        requests = []
+        for peer in ready:
+            self._connected.remove(peer)
+            request = _read_request(peer)
+            if request is None:
+                peer.close()
+            else:
+                self._busy.append(peer)
+                requests.append(request)
+
+        return requests
+
+    def _accept(self) -> list[socket.socket]:
+        """Take every writer waiting to connect; the ones taken."""
+        fresh = []
         while True:
             try:
                 peer, _address = self._listener.accept()
             except BlockingIOError:
-                return
+                return fresh
             credentials = peer.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size
             )
@@ -217,22 +257,21 @@ class Leadership:
                 peer.close()
                 continue
             peer.settimeout(_READ_TIMEOUT_S)
-            self._accepted.append(peer)
+            self._connected.append(peer)
+            fresh.append(peer)
 
-    def _read_ready(self, wait_s: float) -> list[Request]:
-        if not self._accepted:
-            return []
-        ready, _w, _x = select.select(self._accepted, [], [], wait_s)
-        requests = []
-        for peer in ready:
-            self._accepted.remove(peer)
-            request = _read_request(peer)
-            if request is None:
-                peer.close()
-            else:
-                requests.append(request)
 
-        return requests
+def _readable(sockets: list[socket.socket], wait_s: float) -> list[socket.socket]:
+    """Those of ``sockets`` with something to read, waiting up to ``wait_s``."""
+    if not sockets:
+        return []
+    poller = select.poll()
+    by_fd = {}
+    for item in sockets:
+        by_fd[item.fileno()] = item
+        poller.register(item, select.POLLIN)
+
+    return [by_fd[fd] for fd, _event in poller.poll(round(wait_s * 1000))]
 
 
 def _read_request(peer: socket.socket) -> Request | None:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
@@ -67,11 +68,13 @@ class SqliteSessions:
         lock_timeout_s: float,
         where: str,
         steps: Mapping[str, Step] | None = None,
-        group: WriteGroup | None = None,
+        database: Path | None = None,
     ) -> None:
         self._engine = engine
         self._steps = dict(steps or {})
-        self._group = group
+        # The write group of ``database``, found once the file exists.
+        self._database = database
+        self._group: WriteGroup | None = None
         self._writers = writers
         self._lock_timeout_s = lock_timeout_s
         self._where = where
@@ -132,18 +135,19 @@ class SqliteSessions:
             LedgerUnavailable: the lock was not had before the timeout.
             LedgerError: any other database failure; nothing was changed.
         """
-        if self._group is None:
+        group = self._group or self._find_group()
+        if group is None:
             work = self._steps[step]
             return self.run(lambda cursor: work(cursor, body), write=True)
 
         request = Request(step, body, time.monotonic() + self._lock_timeout_s)
         for tries in range(1, 1_000_000):
-            leadership = self._group.lead()
+            leadership = group.lead()
             if leadership is not None:
                 with leadership:
                     return self._lead(leadership, request)
             try:
-                answer = self._group.ask(request)
+                answer = group.ask(request)
             except TimeoutError:
                 raise LedgerUnavailable(
                     f"the ledger at {self._where} did not answer in time; the "
@@ -167,6 +171,16 @@ class SqliteSessions:
         for entry in opened:
             with contextlib.suppress(Exception):
                 entry.pooled.close()
+
+    def _find_group(self) -> WriteGroup | None:
+        if self._database is None:
+            return None
+        self._connection()  # creates the file of a new database
+        self._group = WriteGroup.for_database(self._database)
+        if self._group is None:
+            self._database = None  # none to be had here: stop looking
+
+        return self._group
 
     def _lead(self, leadership: Leadership, own: Request) -> Any:
         """Commit rounds of steps, this writer's own first; its answer."""

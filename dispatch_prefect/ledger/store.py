@@ -59,7 +59,6 @@ from dispatch_prefect.ledger.errors import (
     ReservationSettled,
     UnknownReservation,
 )
-from dispatch_prefect.ledger.group_commit import WriteGroup
 from dispatch_prefect.ledger.records import (
     MonthTotal,
     Reservation,
@@ -206,7 +205,7 @@ class Ledger:
                 lock_timeout_s=lock_timeout_s,
                 where=where,
                 steps=_STEPS,
-                group=WriteGroup.for_database(Path(database)) if database else None,
+                database=Path(database) if database else None,
             )
         )
 
