@@ -128,6 +128,13 @@ class WriteGroup:
 
         return Leadership(listener)
 
+    def connected(self) -> bool:
+        """This thread kept a connection to a leader from its last request."""
+        return (
+            getattr(self._local, "connection", None) is not None
+            and self._local.pid == os.getpid()
+        )
+
     def ask(self, request: Request) -> Any | None:
         """Send ``request`` to the leader and return its answer.
 
@@ -144,8 +151,9 @@ class WriteGroup:
         frame = _frame(
             {"step": request.step, "body": request.body, "deadline": request.deadline}
         )
-        connection = getattr(self._local, "connection", None)
-        if connection is None or self._local.pid != os.getpid():
+        if self.connected():
+            connection = self._local.connection
+        else:
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 connection.connect(self._name)

@@ -24,6 +24,7 @@ waiting, in one transaction and one fsync (see ``group_commit``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import threading
@@ -141,11 +142,12 @@ class SqliteSessions:
             return self.run(lambda cursor: work(cursor, body), write=True)
 
         request = Request(step, body, time.monotonic() + self._lock_timeout_s)
-        for tries in range(1, 1_000_000):
-            leadership = group.lead()
-            if leadership is not None:
-                with leadership:
-                    return self._lead(leadership, request)
+        for failures in itertools.count():
+            if not group.connected():
+                leadership = group.lead()
+                if leadership is not None:
+                    with leadership:
+                        return self._lead(leadership, request)
             try:
                 answer = group.ask(request)
             except TimeoutError:
@@ -157,11 +159,12 @@ class SqliteSessions:
             if answer is not None:
                 return self._unpack(answer)
             if time.monotonic() >= request.deadline:
-                break
-            # The leader is between binding and listening, or just left.
-            time.sleep(min(0.0001 * tries, 0.002))
+                raise self._timed_out()
+            if failures:
+                # No leader yet, or one between binding and listening.
+                time.sleep(min(0.0001 * failures, 0.002))
 
-        raise self._timed_out()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         """Close every connection opened so far; threads open new ones if used."""
