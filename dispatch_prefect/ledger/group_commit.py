@@ -51,7 +51,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 __all__ = ["LEAD_FOR_S", "Request", "WriteGroup"]
@@ -60,7 +59,7 @@ __all__ = ["LEAD_FOR_S", "Request", "WriteGroup"]
 PROTOCOL = 1
 # How long one writer keeps leading while requests keep coming. Its own
 # caller waits that long at most; its page cache stays warm meanwhile.
-LEAD_FOR_S = 0.02
+LEAD_FOR_S = 0.1
 # How long past its own deadline a writer waits for the answer of a step
 # the leader may already have committed.
 ANSWER_GRACE_S = 5.0
@@ -70,18 +69,19 @@ _HEADER = struct.Struct("!I")
 _MAX_FRAME = 1 << 20
 _CREDENTIALS = struct.Struct("3i")
 
-# Listening sockets of this process, closed in a forked child: a child that
-# kept one would hold the group's name with nobody answering.
-_LISTENERS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+# The sockets of this process's leaders, closed in a forked child: a child
+# that kept them would hold the group's name with nobody answering, and keep
+# writers waiting on connections their leader has closed.
+_LEADING: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 
-def _close_inherited_listeners() -> None:
-    for listener in list(_LISTENERS):
-        listener.close()
+def _close_inherited_leaders() -> None:
+    for leading in list(_LEADING):
+        leading.close()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited_listeners)
+    os.register_at_fork(after_in_child=_close_inherited_leaders)
 
 
 @dataclass
@@ -92,27 +92,23 @@ class Request:
     body: Any
     deadline: float
     peer: socket.socket | None = None
+    # The writer's number for it, sent back with the answer.
+    id: int = 0
 
 
 class WriteGroup:
     """The writers of one SQLite database file on this machine."""
 
-    def __init__(self, name: bytes) -> None:
-        self._name = name
+    def __init__(self, identity: tuple[int, int]) -> None:
+        """The group of the file with this ``(st_dev, st_ino)``."""
+        device, inode = identity
+        self._name = f"\0dispatch-prefect-ledger/{PROTOCOL}/{device}/{inode}".encode()
         self._local = threading.local()
 
-    @classmethod
-    def for_database(cls, database: Path) -> WriteGroup | None:
-        """The group of ``database``, or None where there can be none."""
-        if not sys.platform.startswith("linux"):
-            return None
-        try:
-            found = os.stat(database)
-        except OSError:
-            return None
-
-        name = f"\0dispatch-prefect-ledger/{PROTOCOL}/{found.st_dev}/{found.st_ino}"
-        return cls(name.encode())
+    @staticmethod
+    def possible() -> bool:
+        """Whether groups can form here (Linux's abstract socket names)."""
+        return sys.platform.startswith("linux")
 
     def lead(self) -> Leadership | None:
         """Become the leader, or None when another writer leads now."""
@@ -122,7 +118,7 @@ class WriteGroup:
         except OSError:
             listener.close()
             return None
-        _LISTENERS.add(listener)
+        _LEADING.add(listener)
         listener.listen(128)
         listener.setblocking(False)
 
@@ -135,7 +131,7 @@ class WriteGroup:
             and self._local.pid == os.getpid()
         )
 
-    def ask(self, request: Request) -> Any | None:
+    def ask(self, request: Request) -> dict[str, Any] | None:
         """Send ``request`` to the leader and return its answer.
 
         Each thread keeps its connection to the leader for its next
@@ -148,36 +144,52 @@ class WriteGroup:
             TimeoutError: no answer came by the deadline and the grace after
                 it; the step may or may not have been committed.
         """
-        frame = _frame(
-            {"step": request.step, "body": request.body, "deadline": request.deadline}
-        )
-        if self.connected():
-            connection = self._local.connection
-        else:
-            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                connection.connect(self._name)
-            except OSError:
-                connection.close()
-                return None
-            self._local.connection = connection
-            self._local.pid = os.getpid()
-        connection.settimeout(
-            max(request.deadline - time.monotonic(), 0.0) + ANSWER_GRACE_S
-        )
+        self._local.sent = getattr(self._local, "sent", 0) + 1
+        message = {
+            "id": self._local.sent,
+            "step": request.step,
+            "body": request.body,
+            "deadline": request.deadline,
+        }
+        connection = self._local.connection if self.connected() else self._connect()
+        if connection is None:
+            return None
         try:
-            connection.sendall(frame)
-            answer = _read_frame(connection)
+            connection.settimeout(
+                max(request.deadline - time.monotonic(), 0.0) + ANSWER_GRACE_S
+            )
+            connection.sendall(_frame(message))
+            frame = _read_frame(connection)
         except TimeoutError:
             self._hang_up(connection)
             raise
         except OSError:
+            frame = None
+        except BaseException:
+            # Interrupted: the answer must not be read as the next one's.
+            self._hang_up(connection)
+            raise
+        try:
+            answer = None if frame is None else json.loads(frame)
+        except ValueError:
             answer = None
-        if answer is None:
+        if not isinstance(answer, dict) or answer.get("id") != message["id"]:
             self._hang_up(connection)
             return None
 
-        return json.loads(answer)
+        return answer
+
+    def _connect(self) -> socket.socket | None:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.connect(self._name)
+        except OSError:
+            connection.close()
+            return None
+        self._local.connection = connection
+        self._local.pid = os.getpid()
+
+        return connection
 
     def _hang_up(self, connection: socket.socket) -> None:
         connection.close()
@@ -202,41 +214,19 @@ class Leadership:
 
     def close(self) -> None:
         """Stop leading. Writers not answered see their connection close."""
-        _LISTENERS.discard(self._listener)
         self._listener.close()
         for connection in self._connected + self._busy:
             connection.close()
         self._connected, self._busy = [], []
 
-    def collect(self, *, wait_s: float = 0.0) -> list[Request]:
-        """The requests sent so far, waiting up to ``wait_s`` for a first one."""
-        requests = self._read_ready(0.0)
-        if not requests and wait_s > 0:
-            requests = self._read_ready(wait_s)
-
-        return requests
-
-    def answer(self, request: Request, answer: Any) -> None:
-        """Send ``answer`` to the writer of ``request``."""
-        peer = request.peer
-        if peer is None:
-            return
-        self._busy.remove(peer)
-        try:
-            peer.sendall(_frame(answer))
-        except OSError:
-            peer.close()  # that writer is gone; it runs its step again if it can
-        else:
-            self._connected.append(peer)
-
-    def _read_ready(self, wait_s: float) -> list[Request]:
-        """One request from each writer that has sent one."""
-        ready = _readable([self._listener, *self._connected], wait_s)
+    def collect(self) -> list[Request]:
+        """The requests writers have sent by now, one from each at most."""
+        ready = _readable([self._listener, *self._connected])
         if self._listener in ready:
             # Writers accepted just now may have sent already.
             fresh = self._accept()
-            ready = [p for p in ready if p is not self._listener]
-            ready += _readable(fresh, 0.0)
+            ready = [peer for peer in ready if peer is not self._listener]
+            ready += _readable(fresh)
         requests = []
         for peer in ready:
             self._connected.remove(peer)
@@ -249,9 +239,22 @@ class Leadership:
 
         return requests
 
+    def answer(self, request: Request, answer: dict[str, Any]) -> None:
+        """Send ``answer`` to the writer of ``request``."""
+        peer = request.peer
+        if peer is None:
+            return
+        self._busy.remove(peer)
+        try:
+            peer.sendall(_frame({**answer, "id": request.id}))
+        except OSError:
+            peer.close()  # that writer is gone; it runs its step again if it can
+        else:
+            self._connected.append(peer)
+
     def _accept(self) -> list[socket.socket]:
         """Take every writer waiting to connect; the ones taken."""
-        fresh = []
+        fresh: list[socket.socket] = []
         while True:
             try:
                 peer, _address = self._listener.accept()
@@ -265,12 +268,13 @@ class Leadership:
                 peer.close()
                 continue
             peer.settimeout(_READ_TIMEOUT_S)
+            _LEADING.add(peer)
             self._connected.append(peer)
             fresh.append(peer)
 
 
-def _readable(sockets: list[socket.socket], wait_s: float) -> list[socket.socket]:
-    """Those of ``sockets`` with something to read, waiting up to ``wait_s``."""
+def _readable(sockets: list[socket.socket]) -> list[socket.socket]:
+    """Those of ``sockets`` with something to read (or closed) now."""
     if not sockets:
         return []
     poller = select.poll()
@@ -279,7 +283,7 @@ def _readable(sockets: list[socket.socket], wait_s: float) -> list[socket.socket
         by_fd[item.fileno()] = item
         poller.register(item, select.POLLIN)
 
-    return [by_fd[fd] for fd, _event in poller.poll(round(wait_s * 1000))]
+    return [by_fd[fd] for fd, _event in poller.poll(0)]
 
 
 def _read_request(peer: socket.socket) -> Request | None:
@@ -293,6 +297,7 @@ def _read_request(peer: socket.socket) -> Request | None:
             body=message["body"],
             deadline=float(message["deadline"]),
             peer=peer,
+            id=int(message["id"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

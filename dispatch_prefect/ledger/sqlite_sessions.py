@@ -73,9 +73,10 @@ class SqliteSessions:
     ) -> None:
         self._engine = engine
         self._steps = dict(steps or {})
-        # The write group of ``database``, found once the file exists.
-        self._database = database
-        self._group: WriteGroup | None = None
+        # Groups of writers by the identity of the database file; none
+        # where groups cannot form.
+        self._database = database if WriteGroup.possible() else None
+        self._groups: dict[tuple[int, int], WriteGroup] = {}
         self._writers = writers
         self._lock_timeout_s = lock_timeout_s
         self._where = where
@@ -136,7 +137,7 @@ class SqliteSessions:
             LedgerUnavailable: the lock was not had before the timeout.
             LedgerError: any other database failure; nothing was changed.
         """
-        group = self._group or self._find_group()
+        group = self._group()
         if group is None:
             work = self._steps[step]
             return self.run(lambda cursor: work(cursor, body), write=True)
@@ -175,15 +176,27 @@ class SqliteSessions:
             with contextlib.suppress(Exception):
                 entry.pooled.close()
 
-    def _find_group(self) -> WriteGroup | None:
+    def _group(self) -> WriteGroup | None:
+        """The group this thread's connection may lead or join, if any.
+
+        Only while the database path still names the file the connection
+        opened: a leader must commit each step into the file its writer
+        meant.
+        """
         if self._database is None:
             return None
-        self._connection()  # creates the file of a new database
-        self._group = WriteGroup.for_database(self._database)
-        if self._group is None:
-            self._database = None  # none to be had here: stop looking
+        try:
+            self._connection()
+        except sa.exc.SQLAlchemyError as exc:
+            raise describe_failure(exc, where=self._where) from exc
+        opened = self._local.identity
+        if opened is None or opened != _identity(self._database):
+            return None
+        group = self._groups.get(opened)
+        if group is None:
+            group = self._groups.setdefault(opened, WriteGroup(opened))
 
-        return self._group
+        return group
 
     def _lead(self, leadership: Leadership, own: Request) -> Any:
         """Commit rounds of steps, this writer's own first; its answer."""
@@ -290,8 +303,19 @@ class SqliteSessions:
                 entry.pooled.close()
         local.connection = connection
         local.pid = opened.pid
+        local.identity = None if self._database is None else _identity(self._database)
 
         return connection
+
+
+def _identity(database: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file at ``database``; None when missing."""
+    try:
+        found = os.stat(database)
+    except OSError:
+        return None
+
+    return found.st_dev, found.st_ino
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
