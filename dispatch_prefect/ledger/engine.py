@@ -7,7 +7,9 @@ cut cannot lose a reservation that was reported as made. Writes begin with
 that decides admission; two processes can therefore never both read the
 same totals and both write. Readers are not blocked by the writer. Ledger
 writers queue for their turn on a lock file beside the database
-(``WriterQueue``), which hands the write lock over without SQLite's sleeps.
+(``WriterQueue``), which hands the write lock over without SQLite's sleeps;
+single reservations and settlements go further and are committed in groups
+by whichever writer holds the turn (``group_commit``).
 
 PostgreSQL runs at READ COMMITTED; the write paths lock the rows of the
 windows they change (see ``store``), and ``lock_timeout`` bounds every wait.

@@ -6,6 +6,11 @@ new totals before it commits:
 
 - SQLite: ``BEGIN IMMEDIATE`` takes the database write lock before the
   read, so no other process can read the same totals until the commit.
+  A single reserve or settle is a step (``_reserve_step``, ``_settle_step``)
+  that the writer holding the lock may run for others in the same
+  transaction, each in its own savepoint and deciding on the totals the
+  steps before it left; every writer is answered only after the commit
+  (``group_commit``).
 - PostgreSQL (READ COMMITTED): ``SELECT ... FOR UPDATE`` row-locks the
   totals rows of the windows, always in the same order (month before run;
   batches sorted by budget, window kind, window id), so two writers wait
