@@ -274,10 +274,12 @@ def test_the_leader_serves_only_its_own_user(ledger_file: Path) -> None:
         leadership.close()
 
 
-def test_without_groups_writers_take_turns(
-    ledger_file: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("groups", [True, False], ids=["in-groups", "taking-turns"])
+def test_threads_of_one_process_settle_exactly(
+    ledger_file: Path, monkeypatch: pytest.MonkeyPatch, groups: bool
 ) -> None:
-    monkeypatch.setattr(WriteGroup, "possible", staticmethod(lambda: False))
+    if not groups:
+        monkeypatch.setattr(WriteGroup, "possible", staticmethod(lambda: False))
     with Ledger.open(f"sqlite:///{ledger_file}") as ledger:
         errors: list[BaseException] = []
 
