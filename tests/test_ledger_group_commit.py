@@ -9,12 +9,13 @@ writer gave up, and a leader that died before answering costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -52,21 +53,26 @@ def group_of(path: Path) -> WriteGroup:
     return WriteGroup((found.st_dev, found.st_ino))
 
 
-def reserve_in_thread(
+@contextlib.contextmanager
+def a_writer_under_a_held_leader(
     path: Path, *, lock_timeout_s: float = 10.0
-) -> tuple[Future[Any], Callable[[], None]]:
-    """``reserve(KEY)`` by another writer, in a thread; and how to close it."""
+) -> Iterator[tuple[Leadership, Future[Any]]]:
+    """The test leads; another writer calls ``reserve(KEY)`` in a thread."""
+    leadership = group_of(path).lead()
+    assert leadership is not None
     pool = ThreadPoolExecutor(max_workers=1)
     ledger = Ledger.open(f"sqlite:///{path}", lock_timeout_s=lock_timeout_s)
-    future = pool.submit(
-        ledger.reserve, KEY, budget="team", bound_usd=Decimal("1.25"), cap=CAP
-    )
-
-    def close() -> None:
+    try:
+        yield (
+            leadership,
+            pool.submit(
+                ledger.reserve, KEY, budget="team", bound_usd=Decimal("1.25"), cap=CAP
+            ),
+        )
+    finally:
+        leadership.close()
         pool.shutdown(wait=True)
         ledger.close()
-
-    return future, close
 
 
 def first_request(leadership: Leadership, timeout_s: float = 10.0) -> Request:
@@ -91,10 +97,7 @@ def commit_as_leader(path: Path, batch: list[Request]) -> list[dict[str, Any]]:
 def test_a_writer_sends_its_step_to_the_leader_and_takes_its_answer(
     ledger_file: Path,
 ) -> None:
-    leadership = group_of(ledger_file).lead()
-    assert leadership is not None
-    future, close = reserve_in_thread(ledger_file)
-    try:
+    with a_writer_under_a_held_leader(ledger_file) as (leadership, future):
         request = first_request(leadership)
         assert request.step == "reserve"
         assert request.body["row"]["task_run_id"] == "task-1"
@@ -104,9 +107,6 @@ def test_a_writer_sends_its_step_to_the_leader_and_takes_its_answer(
         leadership.answer(request, outcome)
 
         made = future.result(timeout=10)
-    finally:
-        leadership.close()
-        close()
     assert made.key == KEY
     assert made.bound_usd == Decimal("1.25")
     with Ledger.open(f"sqlite:///{ledger_file}") as ledger:
@@ -117,16 +117,11 @@ def test_a_writer_sends_its_step_to_the_leader_and_takes_its_answer(
 def test_a_leader_that_stops_before_running_a_step_lets_its_writer_run_it(
     ledger_file: Path,
 ) -> None:
-    leadership = group_of(ledger_file).lead()
-    assert leadership is not None
-    future, close = reserve_in_thread(ledger_file)
-    try:
+    with a_writer_under_a_held_leader(ledger_file) as (leadership, future):
         first_request(leadership)
         leadership.close()  # gone without running it
 
         made = future.result(timeout=10)
-    finally:
-        close()
     assert made.key == KEY
     with Ledger.open(f"sqlite:///{ledger_file}") as ledger:
         run, _month = ledger.window_states("team", "run-a")
@@ -136,18 +131,13 @@ def test_a_leader_that_stops_before_running_a_step_lets_its_writer_run_it(
 def test_a_leader_that_dies_after_its_commit_costs_nothing_twice(
     ledger_file: Path,
 ) -> None:
-    leadership = group_of(ledger_file).lead()
-    assert leadership is not None
-    future, close = reserve_in_thread(ledger_file)
-    try:
+    with a_writer_under_a_held_leader(ledger_file) as (leadership, future):
         request = first_request(leadership)
         [outcome] = commit_as_leader(ledger_file, [request])
         assert outcome == {"ok": ["made"]}
         leadership.close()  # committed, never answered
 
         made = future.result(timeout=10)
-    finally:
-        close()
     # The writer ran its step again: it found its reservation, not a second.
     assert made.key == KEY
     with Ledger.open(f"sqlite:///{ledger_file}") as ledger:
@@ -159,10 +149,8 @@ def test_a_leader_that_dies_after_its_commit_costs_nothing_twice(
 def test_a_step_reached_after_its_writer_gave_up_is_not_run(
     ledger_file: Path,
 ) -> None:
-    leadership = group_of(ledger_file).lead()
-    assert leadership is not None
-    future, close = reserve_in_thread(ledger_file, lock_timeout_s=0.3)
-    try:
+    held = a_writer_under_a_held_leader(ledger_file, lock_timeout_s=0.3)
+    with held as (leadership, future):
         request = first_request(leadership)
         time.sleep(0.5)  # the leader waited for its turn too long
 
@@ -171,9 +159,6 @@ def test_a_step_reached_after_its_writer_gave_up_is_not_run(
 
         with pytest.raises(LedgerUnavailable, match="nothing was changed"):
             future.result(timeout=10)
-    finally:
-        leadership.close()
-        close()
     assert outcome == {"expired": True}
     with (
         Ledger.open(f"sqlite:///{ledger_file}") as ledger,

@@ -107,18 +107,8 @@ class SqliteSessions:
 
         try:
             with turn:
-                cursor = connection.cursor()
-                try:
-                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                    result = work(cursor)
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    if connection.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            connection.rollback()
-                    raise
-                finally:
-                    cursor.close()
+                begin = "BEGIN IMMEDIATE" if write else "BEGIN"
+                result = _transaction(connection, begin, work)
         except sqlite3.Error as exc:
             unavailable = isinstance(exc, sqlite3.OperationalError)
             raise describe_driver_failure(
@@ -226,25 +216,14 @@ class SqliteSessions:
         self, connection: sqlite3.Connection, batch: list[Request]
     ) -> list[dict[str, Any]]:
         """Run each step of ``batch`` in its savepoint; one commit for all."""
-        cursor = connection.cursor()
         try:
-            cursor.execute("BEGIN IMMEDIATE")
-            outcomes = [self._run_in_savepoint(cursor, r) for r in batch]
-            cursor.execute("COMMIT")
+            return _transaction(
+                connection,
+                "BEGIN IMMEDIATE",
+                lambda cursor: [self._run_in_savepoint(cursor, r) for r in batch],
+            )
         except sqlite3.Error as exc:
-            if connection.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    connection.rollback()
             return [_failure(exc)] * len(batch)
-        except BaseException:
-            if connection.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    connection.rollback()
-            raise
-        finally:
-            cursor.close()
-
-        return outcomes
 
     def _run_in_savepoint(
         self, cursor: sqlite3.Cursor, request: Request
@@ -306,6 +285,26 @@ class SqliteSessions:
         local.identity = None if self._database is None else _identity(self._database)
 
         return connection
+
+
+def _transaction(
+    connection: sqlite3.Connection, begin: str, work: Callable[[sqlite3.Cursor], T]
+) -> T:
+    """``work(cursor)`` between ``begin`` and ``COMMIT``; rolled back if it fails."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute(begin)
+        result = work(cursor)
+        cursor.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.rollback()
+        raise
+    finally:
+        cursor.close()
+
+    return result
 
 
 def _identity(database: Path) -> tuple[int, int] | None:
