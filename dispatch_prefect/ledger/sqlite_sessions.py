@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import sqlite3
 import threading
@@ -53,6 +54,8 @@ from dispatch_prefect.ledger.group_commit import (
 __all__ = ["SqliteSessions", "Step"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("dispatch_prefect.ledger")
 
 # ``step(cursor, body) -> answer``, JSON in and out; see ``group_commit``.
 Step = Callable[[sqlite3.Cursor, Any], Any]
@@ -239,6 +242,8 @@ class SqliteSessions:
             answer = {"ok": work(cursor, request.body)}
         except Exception as exc:
             cursor.execute("ROLLBACK TO step")
+            if not isinstance(exc, sqlite3.Error):
+                logger.exception("the ledger step %r failed", request.step)
             answer = _failure(exc)
         cursor.execute("RELEASE step")
 
