@@ -14,7 +14,8 @@ machine therefore form a group:
   means the change is on disk. While more requests wait it runs another
   round, for up to ``LEAD_FOR_S``, then closes the socket.
 - Every other writer connects, sends its step (a name and a JSON body), and
-  waits for the answer.
+  waits for the answer; it keeps the connection for its next step, until
+  that leader stops leading.
 
 A step is ``step(cursor, body) -> JSON value``, registered by name. It
 decides under the write lock from what it reads and writes nothing before
@@ -53,7 +54,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LEAD_FOR_S", "Request", "WriteGroup"]
+__all__ = ["LEAD_FOR_S", "Leadership", "Request", "WriteGroup"]
 
 # Version of the messages below; groups of other versions never meet.
 PROTOCOL = 1
