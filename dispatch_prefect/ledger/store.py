@@ -676,15 +676,7 @@ class Ledger:
     ) -> tuple[Reservation, bool]:
         """``_settle`` on SQLite, as the step ``settle`` (``_settle_step``)."""
         actual = outcome.actual_usd
-        change: dict[str, object] = {
-            **_key_params(key),
-            "status": outcome.status.value,
-            "actual_usd": money_param(actual, self._dialect),
-            "swept": outcome.swept,
-            "unverified": outcome.unverified,
-            "settled_at": time_param(outcome.at, self._dialect),
-        }
-        answer = sessions.run_step("settle", change)
+        answer = sessions.run_step("settle", self._settle_params(key, outcome))
         if answer[0] == "unknown":
             raise _unknown(key)
         current = _reservation(answer[1])
@@ -801,14 +793,7 @@ class Ledger:
         reservation already settled, or none, costs one more round trip to
         read it; nothing is written then.
         """
-        change = {
-            **_key_params(key),
-            "status": outcome.status.value,
-            "actual_usd": money_param(outcome.actual_usd, self._dialect),
-            "swept": outcome.swept,
-            "unverified": outcome.unverified,
-            "settled_at": time_param(outcome.at, self._dialect),
-        }
+        change = self._settle_params(key, outcome)
         (updated,) = pg.run(
             cursor.connection, [(self._sql.settle_moving, change)], commit=True
         )
@@ -949,6 +934,19 @@ class Ledger:
                     found[key] = _reservation_or_fail(self._select(cursor, key))
 
         return found
+
+    def _settle_params(
+        self, key: ReservationKey, outcome: _Outcome
+    ) -> dict[str, object]:
+        """Parameters of the settle statements, as the database stores them."""
+        return {
+            **_key_params(key),
+            "status": outcome.status.value,
+            "actual_usd": money_param(outcome.actual_usd, self._dialect),
+            "swept": outcome.swept,
+            "unverified": outcome.unverified,
+            "settled_at": time_param(outcome.at, self._dialect),
+        }
 
     def _params(self, reservation: Reservation) -> dict[str, object]:
         return {
