@@ -16,6 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from dispatch_prefect.ledger import (
     SCHEMA_VERSION,
@@ -34,6 +36,7 @@ from dispatch_prefect.policy import (
     BudgetCap,
     BudgetState,
     BudgetWindow,
+    admits,
 )
 
 CAP = BudgetCap(run_usd=Decimal("1.00"), month_usd=Decimal("10.00"))
@@ -179,6 +182,80 @@ def test_check_decides_like_reserve_and_writes_nothing(ledger: Ledger) -> None:
     assert refused.refused_window is BudgetWindow.RUN
     assert ledger.check(BUDGET, "run-2", Decimal("0.31"), CAP).admitted
     assert len(ledger.reservations()) == 1
+
+
+_AMOUNTS = st.decimals(min_value=0, max_value=1000, places=6)
+# How far each cap sits from exactly fitting the bound: 0 is the edge.
+_SLACK = st.sampled_from([Decimal(0), Decimal("0.000001"), Decimal("-0.000001")]) | (
+    st.decimals(min_value=-50, max_value=50, places=6)
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    spent=_AMOUNTS,
+    held=_AMOUNTS,
+    elsewhere=_AMOUNTS,
+    bound=_AMOUNTS,
+    run_slack=_SLACK,
+    month_slack=_SLACK,
+)
+@example(  # both windows exactly full after the bound: admitted
+    spent=Decimal("0.3"),
+    held=Decimal("0.2"),
+    elsewhere=Decimal(1),
+    bound=Decimal("0.5"),
+    run_slack=Decimal(0),
+    month_slack=Decimal(0),
+)
+def test_a_reservation_is_made_exactly_when_admits_says_so(
+    ledger: Ledger,
+    spent: Decimal,
+    held: Decimal,
+    elsewhere: Decimal,
+    bound: Decimal,
+    run_slack: Decimal,
+    month_slack: Decimal,
+) -> None:
+    """Whatever the database decides under its locks is the rule's decision.
+
+    The run window holds money spent and money reserved; the month holds
+    them and another run's reservation. The caps sit at, just past or far
+    from the edge for the bound.
+    """
+    budget = f"edge-{uuid.uuid4().hex[:8]}"
+    run, other = f"{budget}-run", f"{budget}-other"
+    open_cap = BudgetCap(run_usd=Decimal(10**9), month_usd=Decimal(10**9))
+    made = ledger.reserve(
+        key("spent", run=run), budget=budget, bound_usd=spent, cap=open_cap
+    )
+    ledger.reconcile(made.key, spent)
+    ledger.reserve(key("held", run=run), budget=budget, bound_usd=held, cap=open_cap)
+    ledger.reserve(
+        key("other", run=other), budget=budget, bound_usd=elsewhere, cap=open_cap
+    )
+    run_state, month_state = ledger.window_states(budget, run)
+    cap = BudgetCap(
+        run_usd=max(run_state.committed() + bound + run_slack, Decimal(0)),
+        month_usd=max(month_state.committed() + bound + month_slack, Decimal(0)),
+    )
+    expected = admits(bound, run_state, month_state, cap)
+
+    try:
+        ledger.reserve(key("new", run=run), budget=budget, bound_usd=bound, cap=cap)
+    except BudgetExceeded as refused:
+        assert not expected.admitted
+        assert refused.decision.refused_window is expected.refused_window
+    else:
+        assert expected.admitted
+    run_after, month_after = ledger.window_states(budget, run)
+    added = bound if expected.admitted else Decimal(0)
+    assert run_after.committed() == run_state.committed() + added
+    assert month_after.committed() == month_state.committed() + added
 
 
 def test_a_changed_cap_takes_effect_at_the_next_call(ledger: Ledger) -> None:

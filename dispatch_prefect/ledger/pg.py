@@ -3,8 +3,9 @@
 A ledger write holds its row locks from the moment the lock is granted
 until its COMMIT is durable, and the other writers of the same windows
 wait all that time; on a small machine they also share the CPU with it.
-So a reserve takes one round trip to lock and read and one to write and
-commit, a settle one round trip in all, with little CPU on either side:
+So a reserve and a settle are each one statement sent with its COMMIT in
+one round trip: the locks are never held while the client is asked for
+anything. Each round trip costs little CPU on either side:
 
 - The statements of a round trip are joined by semicolons and sent as one
   simple-protocol query by a ``psycopg.ClientCursor``, which binds the
