@@ -281,13 +281,15 @@ def load_worker(spec: dict[str, Any], index: int) -> dict[str, Any]:
             ledger.reconcile(key, ACTUAL_USD)
             admitted += 1
             spent += ACTUAL_USD
+        seconds = time.time() - started
+        wait_for_all_done(spec)
 
     return {
         "admitted": admitted,
         "refused": refused,
         "spent_usd": str(spent),
         "runs": sorted(runs),
-        "seconds": time.time() - started,
+        "seconds": seconds,
     }
 
 
@@ -314,6 +316,7 @@ def raw_worker(spec: dict[str, Any], index: int) -> dict[str, Any]:
             cursor.execute(update, (str(int(value) + 1),))
             connection.commit()
             commits += 1
+        wait_for_all_done(spec)
     finally:
         connection.close()
 
@@ -369,8 +372,9 @@ def drop_schema(url: str, schema: str) -> None:
 def run_processes(context: Any, target: Any, spec: dict[str, Any]) -> list[Any]:
     """Start PROCESSES workers, let them go at once, collect their results."""
     ready = context.Barrier(PROCESSES + 1)
+    done = context.Barrier(PROCESSES)
     results = context.Queue()
-    spec = {**spec, "ready": ready}
+    spec = {**spec, "ready": ready, "done": done}
     workers = [
         context.Process(target=_child, args=(target, spec, index, results))
         for index in range(PROCESSES)
@@ -394,6 +398,7 @@ def _child(target: Any, spec: dict[str, Any], index: int, results: Any) -> None:
     try:
         results.put(target(spec, index))
     except BaseException as exc:
+        spec["done"].abort()  # the others stop waiting for this one
         results.put({"error": f"{exc.__class__.__name__}: {exc}"})
         raise
 
@@ -402,6 +407,17 @@ def wait_for_start(spec: dict[str, Any]) -> float:
     spec["ready"].wait(timeout=120)
 
     return time.time()
+
+
+def wait_for_all_done(spec: dict[str, Any]) -> None:
+    """Stay until every worker has finished its timed part.
+
+    A worker that closed its connections and exited while others still
+    ran would take CPU from them for its teardown (tens of milliseconds
+    of interpreter shutdown on a 2-core machine), and that would be
+    counted against whatever they measure.
+    """
+    spec["done"].wait(timeout=900)
 
 
 def scale(folder: Path, history: int) -> dict[str, float]:
