@@ -389,7 +389,7 @@ class Ledger:
                 answer = self._sessions.run_step("reserve", body)
                 return [_reserved(plan, made, answer)]
             return [
-                self._run(lambda cursor: self._reserve_one(cursor, plan, made, row))
+                self._run(lambda cursor: self._reserve_postgres(cursor, plan, made, row))
             ]
 
         return self._run(lambda cursor: self._reserve_batch(cursor, plans))
@@ -650,7 +650,7 @@ class Ledger:
 
         return isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError)
 
-    def _reserve_one(
+    def _reserve_postgres(
         self,
         cursor: Any,
         plan: _Plan,
@@ -864,23 +864,6 @@ class Ledger:
             found.update(_states(budget, cursor.fetchall()))
 
         return found
-
-    def _pair_write(
-        self,
-        states: dict[Window, tuple[Decimal, Decimal]],
-        windows: Sequence[Window],
-    ) -> dict[str, Any]:
-        """Parameters of ``write_pair`` for one month and one run window."""
-        pair = _pair_params(windows)
-        if pair is None:  # pragma: no cover - callers pass a pair
-            raise AssertionError(f"not one month and one run: {windows}")
-
-        for kind in (BudgetWindow.MONTH.value, BudgetWindow.RUN.value):
-            reserved, spent = states[(pair["budget"], kind, pair[kind])]
-            pair[f"{kind}_reserved"] = money_param(reserved, self._dialect)
-            pair[f"{kind}_spent"] = money_param(spent, self._dialect)
-
-        return pair
 
     def _write_windows(
         self,
