@@ -388,9 +388,10 @@ class Ledger:
                 }
                 answer = self._sessions.run_step("reserve", body)
                 return [_reserved(plan, made, answer)]
-            return [
-                self._run(lambda cursor: self._reserve_postgres(cursor, plan, made, row))
-            ]
+            reserved = self._run(
+                lambda cursor: self._reserve_postgres(cursor, plan, made, row)
+            )
+            return [reserved]
 
         return self._run(lambda cursor: self._reserve_batch(cursor, plans))
 
