@@ -51,7 +51,12 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
             yield opened
         return
 
-    pg_url: str = request.getfixturevalue("pg_url")
+    with _ledger_in_a_fresh_schema(request.getfixturevalue("pg_url")) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def _ledger_in_a_fresh_schema(pg_url: str) -> Iterator[Ledger]:
     schema = f"ledger_test_{uuid.uuid4().hex[:10]}"
     try:
         with Ledger.open(pg_url, schema=schema) as opened:
@@ -617,6 +622,47 @@ def test_postgresql_urls_use_psycopg_and_a_held_lock_fails_closed(
     finally:
         with psycopg.connect(pg_url, autocommit=True) as connection:
             connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_ledger(pg_url: str) -> Iterator[Ledger]:
+    with _ledger_in_a_fresh_schema(pg_url) as opened:
+        yield opened
+
+
+def test_postgresql_reserves_keep_working_after_listings_and_refusals(
+    pg_ledger: Ledger,
+) -> None:
+    """A long-lived gate lists its windows often and meets refusals.
+
+    Left to itself, psycopg prepares a query run five times and answers
+    every ROLLBACK with DEALLOCATE ALL, which took the ledger's own prepared
+    statements with it: every reserve after that failed.
+    """
+    reserve(pg_ledger, "0.10", "task-1")
+    for _listing in range(6):
+        pg_ledger.window_states(BUDGET, "run-1")
+    with pytest.raises(BudgetExceeded):
+        reserve(pg_ledger, "5.00", "too-much")  # rolled back
+
+    reserve(pg_ledger, "0.10", "task-2")
+    pg_ledger.reconcile(key("task-2"), Decimal("0.05"))
+
+    assert pg_ledger.window_states(BUDGET, "run-1")[0].committed() == Decimal("0.15")
+
+
+def test_postgresql_statements_dropped_on_the_connection_are_prepared_again(
+    pg_ledger: Ledger,
+) -> None:
+    reserve(pg_ledger, "0.10", "task-1")
+    # A pooler or an administrator may reset sessions behind the ledger.
+    with pg_ledger._engine.connect() as connection:
+        connection.exec_driver_sql("DEALLOCATE ALL")
+
+    reserve(pg_ledger, "0.10", "task-2")
+    pg_ledger.reconcile(key("task-2"), Decimal("0.05"))
+
+    assert pg_ledger.window_states(BUDGET, "run-1")[0].committed() == Decimal("0.15")
 
 
 def test_a_writer_stuck_in_its_turn_fails_closed(

@@ -70,8 +70,10 @@ SQLITE_PAGE_BYTES = 1024
 
 # Serialization failure and deadlock: the transaction did nothing; run it
 # again. A unique violation is a key another writer added meanwhile: the
-# next run finds it.
-_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "23505"})
+# next run finds it. A prepared statement that is gone (something sent
+# DEALLOCATE ALL or DISCARD ALL on the connection): ``pg`` forgets what it
+# had prepared there, and the next run prepares again.
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "23505", "26000"})
 
 
 def default_url() -> str:
@@ -188,6 +190,11 @@ def _postgres_engine(
         "connect_timeout": max(1, round(lock_timeout_s)),
         "application_name": "dispatch_prefect.ledger",
         "options": options,
+        # psycopg prepares a query on its own after five runs, and on every
+        # ROLLBACK it then sends DEALLOCATE ALL, which would also drop the
+        # statements the hot path prepared by name (``pg``). The hot path
+        # prepares what it needs; listings do not need it.
+        "prepare_threshold": None,
     }
 
     return sa.create_engine(url, connect_args=connect_args)
@@ -319,7 +326,7 @@ def is_retryable(exc: sa.exc.DBAPIError) -> bool:
 
 
 def is_retryable_driver_error(exc: BaseException) -> bool:
-    """True for a deadlock or serialization failure raised by the driver."""
+    """True for a driver error after which the whole transaction may run again."""
     return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
 
 

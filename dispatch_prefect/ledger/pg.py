@@ -3,9 +3,8 @@
 A ledger write holds its row locks from the moment the lock is granted
 until its COMMIT is durable, and the other writers of the same windows
 wait all that time; on a small machine they also share the CPU with it.
-So a reserve and a settle are each one statement sent with its COMMIT in
-one round trip: the locks are never held while the client is asked for
-anything. Each round trip costs little CPU on either side:
+So a reserve takes one round trip to lock and read and one to write and
+commit, a settle one round trip in all, with little CPU on either side:
 
 - The statements of a round trip are joined by semicolons and sent as one
   simple-protocol query by a ``psycopg.ClientCursor``, which binds the
@@ -92,7 +91,7 @@ def run(
     Returns:
         The rows of each statement in order (none for a write).
     """
-    from psycopg import ClientCursor  # the driver: present whenever PostgreSQL is
+    from psycopg import ClientCursor, errors  # present whenever PostgreSQL is
     from psycopg.pq import TransactionStatus
 
     client: ClientCursor[tuple[Any, ...]] = ClientCursor(connection)
@@ -111,7 +110,13 @@ def run(
     )
     if begin:
         script = f"BEGIN; {script}"
-    client.execute(f"{script}; COMMIT" if commit else script)
+    try:
+        client.execute(f"{script}; COMMIT" if commit else script)
+    except errors.InvalidSqlStatementName:
+        # Dropped behind this module's back: prepared again when the
+        # transaction runs again.
+        _PREPARED.pop(connection, None)
+        raise
     if begin:
         client.nextset()
     results: list[list[tuple[Any, ...]]] = []

@@ -35,7 +35,6 @@ PG_PARAM_TYPES = {
     **dict.fromkeys(("label", "run", "kind", "window_id", "k_root", "k_task"), "text"),
     **dict.fromkeys(("attempt", "k_attempt"), "integer"),
     **dict.fromkeys(("bound_usd", "actual_usd", "reserved", "spent"), "numeric"),
-    **dict.fromkeys(("run_cap", "month_cap"), "numeric"),
     **dict.fromkeys(
         ("month_reserved", "month_spent", "run_reserved", "run_spent"), "numeric"
     ),
@@ -62,7 +61,7 @@ class HotSql:
 
     select_one: str
     select_with_windows: str
-    reserve_moving: str
+    claim: str
     settle_moving: str
     select_run_keys: str
     insert_new: str
@@ -110,10 +109,6 @@ class HotSql:
             "FROM (VALUES ('month', :month), ('run', :run)) AS w (kind, id) "
             f"JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = :budget"
         )
-        # The same two rows, joined to the caps given with the window ids.
-        pair_rows_capped = (
-            f"FROM w JOIN {_TOT} t ON {_BY_WINDOW} AND t.budget = :budget"
-        )
         if postgres:
             read_pair = f"SELECT {_LOCKED_TOTALS} {pair_rows}"
         joined = ", ".join(f"r.{name}" for name in RESERVATION_COLUMNS)
@@ -143,32 +138,11 @@ class HotSql:
                 f"INSERT INTO {_RES} ({columns}) VALUES ({placeholders}) "
                 "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING"
             ),
-            # PostgreSQL: locks the two windows' totals (month before run),
-            # applies the admission rule to them (each window's reserved +
-            # spent + bound within its cap), and only then inserts the
-            # reservation and adds its bound to both windows' reserved
-            # totals, all in one statement, so the windows stay locked for
-            # no round trip to the client. The locked totals come back as
-            # they were before, with the number of reservations inserted: 0
-            # when a window is refused, a row is missing or the key is
-            # there already.
-            reserve_moving=(
-                "WITH w (kind, id, cap) AS (VALUES ('month', :month, :month_cap), "
-                "('run', :run, :run_cap)), "
-                f"locked AS (SELECT {_LOCKED_TOTALS}, w.cap {pair_rows_capped} "
-                f"{_IN_LOCK_ORDER}), "
-                "fits AS (SELECT count(*) = 2 AND "
-                "bool_and(reserved_usd + spent_usd + :bound_usd <= cap) AS ok "
-                "FROM locked), "
-                f"claimed AS (INSERT INTO {_RES} ({columns}) "
-                f"SELECT {placeholders} FROM fits WHERE ok "
-                "ON CONFLICT (root_run_id, task_run_id, attempt) DO NOTHING "
-                "RETURNING bound_usd), "
-                f"moved AS (UPDATE {_TOT} t SET "
-                "reserved_usd = t.reserved_usd + c.bound_usd FROM claimed c, w "
-                f"WHERE {_BY_WINDOW} AND t.budget = :budget) "
-                "SELECT window_kind, window_id, reserved_usd, spent_usd, "
-                "(SELECT count(*) FROM claimed) FROM locked"
+            # PostgreSQL: a new reservation, inserted before its windows are
+            # locked; no row comes back when the key is already there.
+            claim=(
+                f"{insert_new} ON CONFLICT (root_run_id, task_run_id, attempt) "
+                "DO NOTHING RETURNING attempt"
             ),
             settle=(
                 f"UPDATE {_RES} SET status = :status, actual_usd = :actual_usd, "

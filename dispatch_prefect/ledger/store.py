@@ -15,17 +15,14 @@ new totals before it commits:
   totals rows of the windows, always in the same order (month before run;
   batches sorted by budget, window kind, window id), so two writers wait
   for each other and the second reads what the first committed. A single
-  reserve is one statement sent with its commit: it locks the two windows,
-  applies the inequality of ``admits`` to them, and inserts the
-  reservation and adds its bound only when both fit; the totals it locked
-  come back and ``admits`` decides from them what the caller is told (the
-  two must agree, and a test checks that they do on random amounts). A
-  settle decides nothing: one statement settles the row and moves the
-  amounts in the totals. So the windows stay locked for one statement and
-  its fsync, never for a round trip to the client (see ``pg``). Sums are
-  exact NUMERIC arithmetic. Missing rows are created first. A deadlock
-  (possible only when two writers open the same new window at once) or
-  serialization failure runs the whole transaction again.
+  reserve writes its reservation row first (a reservation row before its
+  windows), so the windows stay locked for the totals write and the commit
+  only, in two round trips (see ``pg``). A settle decides nothing: one
+  statement settles the row and moves the amounts in the totals by exact
+  NUMERIC arithmetic, sent with its commit in one round trip. Missing rows
+  are created first. A deadlock (possible only when two writers open the
+  same new window at once, or a batch and a single reserve add the same
+  key at once) or serialization failure runs the whole transaction again.
 
 The totals rows are what admission reads, so a check or a reservation costs
 the same whatever the size of history.
@@ -388,10 +385,9 @@ class Ledger:
                 }
                 answer = self._sessions.run_step("reserve", body)
                 return [_reserved(plan, made, answer)]
-            reserved = self._run(
-                lambda cursor: self._reserve_postgres(cursor, plan, made, row)
-            )
-            return [reserved]
+            return [
+                self._run(lambda cursor: self._reserve_one(cursor, plan, made, row))
+            ]
 
         return self._run(lambda cursor: self._reserve_batch(cursor, plans))
 
@@ -651,58 +647,29 @@ class Ledger:
 
         return isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError)
 
-    def _reserve_postgres(
+    def _reserve_one(
         self,
         cursor: Any,
         plan: _Plan,
         reservation: Reservation,
         row: dict[str, object],
     ) -> Reservation:
-        """PostgreSQL: decide and record one reservation, one round trip.
-
-        ``reserve_moving`` locks the two windows, inserts the reservation
-        and adds its bound only if both windows fit it, and is sent with
-        its COMMIT, so the windows are locked for the statement and the
-        fsync only. The totals it locked come back as they were, and
-        ``admits`` decides from them what to report; the statement applies
-        the same inequality, and the two must agree. A window with no row
-        yet costs one more round trip (its row is created, then the same
-        statement runs again); a refusal or a key already there costs one
-        more read, after the commit.
-        """
-        pair = _pair_params([plan.month_window, plan.run_window])
-        if pair is None:  # pragma: no cover - a plan is one month and one run
-            raise AssertionError(f"not one month and one run: {plan}")
-        params = {
-            **row,
-            "run": pair["run"],
-            "month_cap": money_param(plan.cap.month_usd, self._dialect),
-            "run_cap": money_param(plan.cap.run_usd, self._dialect),
-        }
-        statements = [(self._sql.reserve_moving, params)]
-        (rows,) = pg.run(cursor.connection, statements, commit=True)
-        if len(rows) < 2:
-            statements.insert(0, (self._sql.create_pair, pair))
-            _created, rows = pg.run(cursor.connection, statements, commit=True)
-
-        decision = _decide(plan, _states(plan.budget, [r[:4] for r in rows]))
-        inserted = bool(rows) and rows[0][4] > 0
-        if inserted and decision.admitted:
-            return reservation
-
-        found = None if inserted else self._select(cursor, plan.key)
+        windows = [plan.month_window, plan.run_window]
+        states, found = self._claim_and_lock(cursor, windows, plan.key, row)
         if found is not None:
             # A replay of a key already reserved is not a new reservation.
             return found
-        if decision.admitted or inserted:
-            raise LedgerError(
-                f"the ledger at {self._where} and the admission rule disagree "
-                f"on {plan.key}: the database "
-                f"{'reserved' if inserted else 'refused'} ${plan.bound_usd} "
-                f"where admits() says: {decision.reason}"
-            )
 
-        raise _refusal(plan, decision)
+        decision = _decide(plan, states)
+        if not decision.admitted:
+            raise _refusal(plan, decision)
+
+        _add(states, windows, reserved_usd=plan.bound_usd)
+        self._finish(
+            cursor, [(self._sql.write_pair, self._pair_write(states, windows))]
+        )
+
+        return reservation
 
     def _settle_sqlite(
         self, sessions: SqliteSessions, key: ReservationKey, outcome: _Outcome
@@ -729,6 +696,49 @@ class Ledger:
         _log_settled(settled)
 
         return settled, True
+
+    def _claim_and_lock(
+        self,
+        cursor: Any,
+        windows: Sequence[Window],
+        key: ReservationKey,
+        row: dict[str, object],
+    ) -> tuple[dict[Window, tuple[Decimal, Decimal]], Reservation | None]:
+        """PostgreSQL: insert the reservation, then lock its two windows.
+
+        One round trip. The row goes in before the window locks are asked
+        for (the order of every writer: a reservation row before its
+        windows), so its insert and index entries are not part of the time
+        the windows stay locked; a refusal rolls it back. When the key is
+        already there the insert changes nothing (after waiting for a writer
+        of the same key to finish) and the reservation found is returned. A
+        window with no row yet costs a second round trip.
+        """
+        pair = _pair_params(windows)
+        if pair is None:  # pragma: no cover - callers pass a pair
+            raise AssertionError(f"not one month and one run: {windows}")
+
+        claimed, rows = pg.run(
+            cursor.connection,
+            [(self._sql.claim, row), (self._sql.lock_pair, pair)],
+        )
+        if len(rows) < 2:
+            # A new run or month: its row is created, then both are locked.
+            statements = [(self._sql.create_pair, pair), (self._sql.lock_pair, pair)]
+            _created, rows = pg.run(cursor.connection, statements)
+        if not claimed:
+            return {}, _reservation_or_fail(self._select(cursor, key))
+
+        return _states(windows[0][0], rows), None
+
+    def _finish(
+        self, cursor: Any, statements: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """PostgreSQL: the last writes and the COMMIT, sent as one query.
+
+        So the row locks are held for one round trip and the fsync only.
+        """
+        pg.run(cursor.connection, statements, commit=True)
 
     def _reserve_batch(self, cursor: Any, plans: Sequence[_Plan]) -> list[Reservation]:
         windows = sorted({w for p in plans for w in (p.month_window, p.run_window)})
@@ -865,6 +875,23 @@ class Ledger:
             found.update(_states(budget, cursor.fetchall()))
 
         return found
+
+    def _pair_write(
+        self,
+        states: dict[Window, tuple[Decimal, Decimal]],
+        windows: Sequence[Window],
+    ) -> dict[str, Any]:
+        """Parameters of ``write_pair`` for one month and one run window."""
+        pair = _pair_params(windows)
+        if pair is None:  # pragma: no cover - callers pass a pair
+            raise AssertionError(f"not one month and one run: {windows}")
+
+        for kind in (BudgetWindow.MONTH.value, BudgetWindow.RUN.value):
+            reserved, spent = states[(pair["budget"], kind, pair[kind])]
+            pair[f"{kind}_reserved"] = money_param(reserved, self._dialect)
+            pair[f"{kind}_spent"] = money_param(spent, self._dialect)
+
+        return pair
 
     def _write_windows(
         self,
