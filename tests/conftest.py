@@ -11,6 +11,8 @@ os.environ.setdefault(
 )
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import contextlib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,3 +95,33 @@ def saved_ledger(block_name: str, folder: Path) -> Ledger:
     LedgerBlock(url=url).save(block_name, overwrite=True)
 
     return Ledger.open(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    """An empty ledger on each database (a fresh PostgreSQL schema per test)."""
+    from dispatch_prefect.ledger import Ledger
+
+    if request.param == "sqlite":
+        with Ledger.open(f"sqlite:///{tmp_path}/ledger.db") as opened:
+            yield opened
+        return
+
+    with ledger_in_a_fresh_schema(request.getfixturevalue("pg_url")) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def ledger_in_a_fresh_schema(pg_url: str) -> Iterator[Ledger]:
+    """A PostgreSQL ledger in a schema of its own, dropped afterwards."""
+    import psycopg
+
+    from dispatch_prefect.ledger import Ledger
+
+    schema = f"ledger_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with Ledger.open(pg_url, schema=schema) as opened:
+            yield opened
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as connection:
+            connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

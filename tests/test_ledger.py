@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import sqlalchemy as sa
+from conftest import ledger_in_a_fresh_schema
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -41,29 +42,6 @@ from dispatch_prefect.policy import (
 
 CAP = BudgetCap(run_usd=Decimal("1.00"), month_usd=Decimal("10.00"))
 BUDGET = "team"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    """An empty ledger on each database (a fresh PostgreSQL schema per test)."""
-    if request.param == "sqlite":
-        with Ledger.open(f"sqlite:///{tmp_path}/ledger.db") as opened:
-            yield opened
-        return
-
-    with _ledger_in_a_fresh_schema(request.getfixturevalue("pg_url")) as opened:
-        yield opened
-
-
-@contextlib.contextmanager
-def _ledger_in_a_fresh_schema(pg_url: str) -> Iterator[Ledger]:
-    schema = f"ledger_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with Ledger.open(pg_url, schema=schema) as opened:
-            yield opened
-    finally:
-        with psycopg.connect(pg_url, autocommit=True) as connection:
-            connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture
@@ -626,7 +604,7 @@ def test_postgresql_urls_use_psycopg_and_a_held_lock_fails_closed(
 
 @pytest.fixture
 def pg_ledger(pg_url: str) -> Iterator[Ledger]:
-    with _ledger_in_a_fresh_schema(pg_url) as opened:
+    with ledger_in_a_fresh_schema(pg_url) as opened:
         yield opened
 
 
