@@ -643,6 +643,22 @@ def test_postgresql_statements_dropped_on_the_connection_are_prepared_again(
     assert pg_ledger.window_states(BUDGET, "run-1")[0].committed() == Decimal("0.15")
 
 
+def test_a_postgresql_connection_dropped_between_calls_is_replaced(
+    pg_ledger: Ledger, pg_url: str
+) -> None:
+    """A server restart or a firewall ends idle sessions; the next call reconnects."""
+    reserve(pg_ledger, "0.10", "task-1")
+    with pg_ledger._engine.connect() as pooled:
+        backend = pooled.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+    reserve(pg_ledger, "0.10", "task-2")
+    pg_ledger.reconcile(key("task-2"), Decimal("0.05"))
+
+    assert pg_ledger.window_states(BUDGET, "run-1")[0].committed() == Decimal("0.15")
+
+
 def test_a_writer_stuck_in_its_turn_fails_closed(
     sqlite_url: str, tmp_path: Path
 ) -> None:
