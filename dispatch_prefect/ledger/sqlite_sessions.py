@@ -7,11 +7,12 @@ on return) cost more than that again, on every call. ``check``,
 connection per thread, opened through the engine (so it gets the ledger's
 pragmas from the engine's connect hook) and then detached from the pool.
 
-A thread that ends leaves its connection behind (Prefect's thread pools
-start new threads for every flow run), so whenever a thread opens one, the
-connections of threads that have ended are closed: a long-lived process
-keeps about one connection per live thread, not one per thread it ever
-ran.
+Prefect's thread pools start new threads for every flow run, so a
+thread's connection is closed when the thread ends (``_ClosedWithThread``),
+and whenever a thread opens one, the records of threads that have ended
+are dropped (and their connections closed, should one still be open): a
+long-lived process keeps one connection per live thread, not one per
+thread it ever ran.
 
 A forked child opens its own connections: a SQLite connection must not be
 used across ``fork``.
@@ -286,6 +287,7 @@ class SqliteSessions:
             with contextlib.suppress(Exception):
                 entry.pooled.close()
         local.connection = connection
+        local.closer = _ClosedWithThread(pooled)
         local.pid = opened.pid
         local.identity = None if self._database is None else _identity(self._database)
 
@@ -331,6 +333,25 @@ def _failure(exc: BaseException) -> dict[str, Any]:
         "error": reason,
         "unavailable": isinstance(exc, sqlite3.OperationalError | LedgerUnavailable),
     }
+
+
+class _ClosedWithThread:
+    """Closes a thread's connection when the thread ends.
+
+    Kept in the thread's local storage, which Python empties when the
+    thread ends, so the connection closes then rather than waiting for the
+    next thread to open one. Only in the process that opened it: a forked
+    child must not touch its parent's connections.
+    """
+
+    def __init__(self, pooled: Any) -> None:
+        self._pooled = pooled
+        self._pid = os.getpid()
+
+    def __del__(self) -> None:
+        if os.getpid() == self._pid:
+            with contextlib.suppress(Exception):
+                self._pooled.close()
 
 
 @dataclass(frozen=True)
