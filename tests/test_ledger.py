@@ -608,6 +608,14 @@ def pg_ledger(pg_url: str) -> Iterator[Ledger]:
         yield opened
 
 
+def _reserves_and_reconciles_after_task_1(ledger: Ledger) -> None:
+    """A second reservation goes through, and the totals count both."""
+    reserve(ledger, "0.10", "task-2")
+    ledger.reconcile(key("task-2"), Decimal("0.05"))
+
+    assert ledger.window_states(BUDGET, "run-1")[0].committed() == Decimal("0.15")
+
+
 def test_postgresql_reserves_keep_working_after_listings_and_refusals(
     pg_ledger: Ledger,
 ) -> None:
@@ -623,10 +631,7 @@ def test_postgresql_reserves_keep_working_after_listings_and_refusals(
     with pytest.raises(BudgetExceeded):
         reserve(pg_ledger, "5.00", "too-much")  # rolled back
 
-    reserve(pg_ledger, "0.10", "task-2")
-    pg_ledger.reconcile(key("task-2"), Decimal("0.05"))
-
-    assert pg_ledger.window_states(BUDGET, "run-1")[0].committed() == Decimal("0.15")
+    _reserves_and_reconciles_after_task_1(pg_ledger)
 
 
 def test_postgresql_statements_dropped_on_the_connection_are_prepared_again(
@@ -637,10 +642,7 @@ def test_postgresql_statements_dropped_on_the_connection_are_prepared_again(
     with pg_ledger._engine.connect() as connection:
         connection.exec_driver_sql("DEALLOCATE ALL")
 
-    reserve(pg_ledger, "0.10", "task-2")
-    pg_ledger.reconcile(key("task-2"), Decimal("0.05"))
-
-    assert pg_ledger.window_states(BUDGET, "run-1")[0].committed() == Decimal("0.15")
+    _reserves_and_reconciles_after_task_1(pg_ledger)
 
 
 def test_a_postgresql_connection_dropped_between_calls_is_replaced(
@@ -653,10 +655,7 @@ def test_a_postgresql_connection_dropped_between_calls_is_replaced(
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
 
-    reserve(pg_ledger, "0.10", "task-2")
-    pg_ledger.reconcile(key("task-2"), Decimal("0.05"))
-
-    assert pg_ledger.window_states(BUDGET, "run-1")[0].committed() == Decimal("0.15")
+    _reserves_and_reconciles_after_task_1(pg_ledger)
 
 
 def test_a_writer_stuck_in_its_turn_fails_closed(
