@@ -8,11 +8,10 @@ connection per thread, opened through the engine (so it gets the ledger's
 pragmas from the engine's connect hook) and then detached from the pool.
 
 Prefect's thread pools start new threads for every flow run, so a
-thread's connection is closed when the thread ends (``_ClosedWithThread``),
-and whenever a thread opens one, the records of threads that have ended
-are dropped (and their connections closed, should one still be open): a
-long-lived process keeps one connection per live thread, not one per
-thread it ever ran.
+thread's connection is closed when the thread ends (``_ClosedWithThread``)
+and its record is dropped when the next thread opens one: a long-lived
+process keeps one connection per live thread, not one per thread it ever
+ran.
 
 A forked child opens its own connections: a SQLite connection must not be
 used across ``fork``.
@@ -281,11 +280,9 @@ class SqliteSessions:
         pooled.detach()
         opened = _Opened(pooled, threading.current_thread(), os.getpid())
         with self._guard:
-            ended = [entry for entry in self._opened if entry.ended()]
-            self._opened = [e for e in self._opened if e not in ended] + [opened]
-        for entry in ended:
-            with contextlib.suppress(Exception):
-                entry.pooled.close()
+            # Threads that ended closed their connections as they ended.
+            alive = [entry for entry in self._opened if not entry.ended()]
+            self._opened = [*alive, opened]
         local.connection = connection
         local.closer = _ClosedWithThread(pooled)
         local.pid = opened.pid
